@@ -1,0 +1,1 @@
+"""Graph passes over the traced encoder (installed as skrr_compile.passes)."""
