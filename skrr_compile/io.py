@@ -49,6 +49,9 @@ def write_dir_atomically(out_dir: str | Path, fill: Callable[[Path], None], over
         raise FileExistsError(f"{str(out_dir)!r} is not empty; choose a new directory or pass overwrite=True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         fill(tmp)
         if out_dir.exists():

@@ -1,0 +1,165 @@
+"""Calibration data: read prompt files, tokenize them in chunks, always with the null prompt ""."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+PROMPT_FORMATS = ".txt (one prompt a line), .jsonl (--field), .tsv/.csv (--field names the column)"
+DEFAULT_FIELDS = ("prompt", "Prompt", "caption", "text", "IIW-P5B")
+
+
+class PromptError(ValueError):
+    """A prompt source that cannot be read as a list of prompts."""
+
+
+def builtin_prompts() -> list[str]:
+    """The small prompt set shipped with skrr-compile (works without any data directory)."""
+    text = resources.files("skrr_compile.data").joinpath("prompts.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def read_prompts(source: str | Path | Sequence[str], field: str | None = None, limit: int | None = None) -> list[str]:
+    """Prompts from a list, a .txt/.jsonl/.tsv/.csv file, or "builtin"."""
+    if isinstance(source, (list, tuple)):
+        prompts = [str(p) for p in source]
+    elif str(source) == "builtin":
+        prompts = builtin_prompts()
+    else:
+        prompts = _read_file(Path(source), field)
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise PromptError(f"no prompts in {source if not isinstance(source, (list, tuple)) else 'the given list'}")
+    return prompts[:limit] if limit else prompts
+
+
+def _read_file(path: Path, field: str | None) -> list[str]:
+    if not path.is_file():
+        raise PromptError(f"prompt file {str(path)!r} does not exist; accepted: {PROMPT_FORMATS}")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptError(f"cannot read prompt file {str(path)!r}: {e}") from e
+    if suffix == ".txt":
+        return [line.strip() for line in text.splitlines()]
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PromptError(f"{path}:{n} is not valid JSON: {e}") from e
+        return _column(rows, field, path)
+    if suffix in (".tsv", ".csv"):
+        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+        return _column(rows, field, path)
+    raise PromptError(f"unsupported prompt file type {suffix!r} ({path}); accepted: {PROMPT_FORMATS}")
+
+
+def _column(rows: list[dict], field: str | None, path: Path) -> list[str]:
+    if not rows:
+        raise PromptError(f"{path} has no rows")
+    keys = list(rows[0].keys()) if isinstance(rows[0], dict) else []
+    if field is None:
+        field = next((f for f in DEFAULT_FIELDS if f in keys), None)
+        if field is None:
+            raise PromptError(f"{path}: name the field holding the prompt (--field); available: {keys}")
+    if field not in keys:
+        raise PromptError(f"{path}: field {field!r} does not exist; available: {keys}")
+    return [str(r.get(field) or "") for r in rows]
+
+
+@dataclass
+class Calibration:
+    """Tokenized prompts in chunks plus the null prompt, as the discrepancy reads them.
+
+    `read` says which positions the consumer of the embeddings reads: "mask" (the attention-mask tokens,
+    e.g. PixArt) or "all" (every padded position, e.g. CLIP in Stable Diffusion).
+    """
+
+    prompts: list[str]
+    chunks: list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask) per chunk
+    null: tuple[torch.Tensor, torch.Tensor]
+    read: str = "mask"
+    truncated: int = 0
+    dropped: int = 0
+    max_length: int | None = None
+    info: dict = field(default_factory=dict)
+
+    def read_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.bool() if self.read == "mask" else torch.ones_like(mask, dtype=torch.bool)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    def to(self, device) -> Calibration:
+        move = lambda pair: (pair[0].to(device), pair[1].to(device))  # noqa: E731
+        return Calibration(
+            self.prompts, [move(c) for c in self.chunks], move(self.null), self.read, self.truncated,
+            self.dropped, self.max_length, self.info,
+        )
+
+
+def tokenize(
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_length: int | None = None,
+    padding: str = "longest",
+    chunk_size: int = 16,
+    min_tokens: int | None = None,
+    max_tokens: int | None = None,
+    read: str = "mask",
+) -> Calibration:
+    """Tokenize `prompts` (padding + attention mask) in chunks; warn about truncation, never hide it.
+
+    `min_tokens`/`max_tokens` keep only prompts whose untruncated length lies in that range (the Skrr paper
+    calibrates on 150-250-token captions). `padding="max_length"` pads every chunk to `max_length`, as
+    pipelines that read padded positions do.
+    """
+    if read not in ("mask", "all"):
+        raise ValueError(f"read must be 'mask' or 'all', got {read!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if max_length is None:
+        limit = getattr(tokenizer, "model_max_length", None)
+        max_length = limit if limit and limit < 100_000 else 512
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
+    keep = [
+        p for p, n in zip(prompts, lengths)
+        if (min_tokens is None or n >= min_tokens) and (max_tokens is None or n <= max_tokens)
+    ]
+    dropped = len(prompts) - len(keep)
+    if not keep:
+        raise PromptError(
+            f"no prompt has between {min_tokens} and {max_tokens} tokens "
+            f"(lengths range {min(lengths)}-{max(lengths)})"
+        )
+    truncated = sum(1 for p, n in zip(prompts, lengths) if p in set(keep) and n > max_length)
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(keep)} prompts are longer than max_length={max_length} tokens and were truncated",
+            stacklevel=2,
+        )
+
+    def encode(batch):
+        enc = tokenizer(
+            list(batch), padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+    chunks = [encode(keep[i : i + chunk_size]) for i in range(0, len(keep), chunk_size)]
+    return Calibration(
+        prompts=list(keep), chunks=chunks, null=encode([""]), read=read, truncated=truncated,
+        dropped=dropped, max_length=max_length,
+    )
