@@ -61,6 +61,11 @@ def plan_redirects(
                     redirect[attr_nodes[p_src]] = attr_nodes[p_dst]
         else:
             redirect[nodes[block.output]] = nodes[block.residual]
+    for old in redirect:  # consecutive skips: block k+1's residual is block k's (skipped) add
+        new = redirect[old]
+        while new in redirect:
+            new = redirect[new]
+        redirect[old] = new
     return redirect
 
 
@@ -94,7 +99,7 @@ def rewrite(
             owner, _, leaf = name.rpartition(".")
             delattr(gm.get_submodule(owner) if owner else gm, leaf)
             removed_attrs.append(name)
-    for name, value in list(vars(gm).items()):  # plain tensor constants set as attributes
+    for name in list(vars(gm)):  # plain tensor constants set as attributes
         if name.startswith("_tensor_constant") and name not in referenced:
             delattr(gm, name)
             removed_attrs.append(name)

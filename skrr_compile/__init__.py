@@ -1,10 +1,11 @@
 """skrr-compile: shrink the text encoders of text-to-image diffusion models by FX graph rewriting."""
 
+from skrr_compile.passes.partition import SubBlock, UnsupportedModelError
+
 from .graph import EncoderGraph, trace
 from .io import load, save
 from .module import PrunedEncoder, apply
 from .plan import Plan, PlanError
-from skrr_compile.passes.partition import SubBlock, UnsupportedModelError
 
 __all__ = [
     "trace",

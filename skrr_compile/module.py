@@ -8,7 +8,7 @@ from torch import fx, nn
 from .graph import EncoderGraph, apply_to_graph, param_bytes, param_numel, trace
 from .plan import Plan
 
-_UNSUPPORTED_INPUTS = ("token_type_ids", "position_ids", "inputs_embeds", "head_mask", "past_key_values")
+_UNSUPPORTED_INPUTS = ("position_ids", "inputs_embeds", "head_mask", "past_key_values")
 
 
 def retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:
@@ -81,6 +81,9 @@ class PrunedEncoder(nn.Module):
         output_attentions: bool | None = None,
         **kwargs,
     ):
+        token_types = kwargs.pop("token_type_ids", None)
+        if token_types is not None and bool(token_types.any()):
+            raise ValueError("the pruned encoder was traced with token_type_ids = 0; got non-zero token_type_ids")
         given = [k for k in _UNSUPPORTED_INPUTS if kwargs.get(k) is not None]
         if given or output_attentions:
             raise ValueError(

