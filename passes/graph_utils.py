@@ -110,6 +110,13 @@ def live_nodes(graph: fx.Graph, redirect: Mapping[fx.Node, fx.Node] | None = Non
     return live
 
 
+def fetch_attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Tensors deduplicated by storage (by identity on the meta device, which has no storage)."""
     seen, out = set(), []

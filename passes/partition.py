@@ -22,6 +22,7 @@ from .graph_utils import (
     ATTENTION_TARGETS,
     NORM_TARGETS,
     depends_on,
+    fetch_attr,
     is_noop,
     live_nodes,
     strip_noops,
@@ -99,18 +100,11 @@ def _stream_chain(start: fx.Node, within: set[fx.Node]) -> list[fx.Node]:
 def _get_attr_numel(gm: fx.GraphModule, targets: list[str]) -> int:
     seen, total = set(), 0
     for t in targets:
-        tensor = _fetch_attr(gm, t)
+        tensor = fetch_attr(gm, t)
         if id(tensor) not in seen:
             seen.add(id(tensor))
             total += tensor.numel()
     return total
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def partition(gm: fx.GraphModule, layer_paths: list[str]) -> PartitionResult:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .graph_utils import live_nodes
-from .partition import SubBlock, _fetch_attr
+from .graph_utils import fetch_attr, live_nodes
+from .partition import SubBlock
 
 
 @dataclass
@@ -76,7 +76,7 @@ def rewrite(
     graph = gm.graph
     for old, new in plan_redirects(gm, blocks, skip, reuse).items():
         if old.op == "get_attr":  # re-point in place: get_attr nodes keep their position
-            src, dst = _fetch_attr(gm, old.target), _fetch_attr(gm, new.target)
+            src, dst = fetch_attr(gm, old.target), fetch_attr(gm, new.target)
             if src.shape != dst.shape or src.dtype != dst.dtype:
                 raise ValueError(
                     f"re-use needs equal shapes: {old.target} {tuple(src.shape)} vs {new.target} {tuple(dst.shape)}"

@@ -13,8 +13,8 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from skrr_compile.passes.graph_utils import ASSERT_TARGETS, live_nodes, unique_tensors
-from skrr_compile.passes.partition import SubBlock, UnsupportedModelError, _fetch_attr, partition
+from skrr_compile.passes.graph_utils import ASSERT_TARGETS, fetch_attr, live_nodes, unique_tensors
+from skrr_compile.passes.partition import SubBlock, UnsupportedModelError, partition
 from skrr_compile.passes.rewrite import plan_redirects, rewrite
 
 from .plan import Plan
@@ -130,7 +130,7 @@ class EncoderGraph:
             "layers": self.layers_path,
             "total": self.total_params,
             "blocks": [
-                [b.kind, b.layer, [[p, list(_fetch_attr(gm, p).shape)] for p in b.params]] for b in self.blocks
+                [b.kind, b.layer, [[p, list(fetch_attr(gm, p).shape)] for p in b.params]] for b in self.blocks
             ],
         }
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
@@ -145,7 +145,7 @@ class EncoderGraph:
         """Parameters that leave the model under `plan` (measured by graph liveness, so exact)."""
         gm = self.graph_module
         kept = unique_tensors(
-            t for t in (_fetch_attr(gm, n) for n in self.live_param_names(plan)) if isinstance(t, nn.Parameter)
+            t for t in (fetch_attr(gm, n) for n in self.live_param_names(plan)) if isinstance(t, nn.Parameter)
         )
         return self.total_params - sum(t.numel() for t in kept)
 
