@@ -7,6 +7,7 @@ the ones the rewritten GraphModule would call, in the same order, so results are
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -121,6 +122,19 @@ class StagedRunner:
         self.suffix_boundaries = sorted(
             {self.boundary_of[strip_noops(a)] for a in reads if strip_noops(a) in self.boundary_of}
         )
+
+    @contextlib.contextmanager
+    def overridden(self, tensors: Mapping[str, torch.Tensor]):
+        """Temporarily read other values for some parameters (LaCo's merged layers)."""
+        saved = dict(self.attrs)
+        for target, t in tensors.items():
+            self.attrs[self.attr_by_target[target]] = t
+        self._reuse_cache.clear()
+        try:
+            yield
+        finally:
+            self.attrs = saved
+            self._reuse_cache.clear()
 
     # execution ----------------------------------------------------------------------------------------
     def _run(self, nodes, env: dict, lookup) -> None:

@@ -1,0 +1,197 @@
+"""The fast Skrr search against the naive reference; resume; Algorithm 2; baselines; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SHARED_PROMPTS
+from factories import FAMILIES, inputs
+from search_reference import NaiveScorer, naive_reuse_phase, naive_skip_phase
+
+import skrr_compile as skrr
+from skrr_compile import search as search_mod
+from skrr_compile.calibration import Calibration, PromptError, read_prompts, tokenize
+from skrr_compile.search import SearchError, search
+
+
+def calibration(n_chunks=3, batch=4, seq=10, seed=0):
+    chunks = [inputs(batch, seq, seed=seed + i) for i in range(n_chunks)]
+    null = inputs(1, 3, seed=99, pad_last=False)
+    return Calibration(prompts=["p"] * (n_chunks * batch), chunks=chunks, null=null)
+
+
+def assert_same_as_naive(model, cal, sparsity, beam=3, reuse=True, projection=None):
+    graph = skrr.trace(model)
+    method = "skrr" if reuse else "skrr-skip"
+    fast = search(model, None, cal, sparsity=sparsity, method=method, beam=beam, projection=projection,
+                  progress=False, graph=graph)
+    scorer = NaiveScorer(model, graph, cal, projection)
+    skip, order, history, score = naive_skip_phase(scorer, sparsity, beam)
+    assert set(fast.plan.skip) == skip
+    assert fast.plan.order == order
+    assert len(fast.plan.scores) == len(history)
+    for a, b in zip(fast.plan.scores, history):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-12)
+    want_reuse = {}
+    if reuse:
+        want_reuse, score = naive_reuse_phase(scorer, skip, order, score)
+    assert fast.plan.reuse == want_reuse
+    assert fast.report["discrepancy"] == pytest.approx(score, rel=1e-6, abs=1e-12)
+    assert fast.report["counter"]["block_evals"] < scorer.block_evals
+    return fast, scorer
+
+
+@pytest.mark.parametrize("name", ["t5-gated", "clip"])
+def test_fast_search_equals_naive_reference(name):
+    model = FAMILIES[name].make(seed=2)
+    fast, scorer = assert_same_as_naive(model, calibration(), sparsity=0.3, reuse=(name == "t5-gated"))
+    assert fast.report["sparsity"] >= 0.3
+
+
+def test_fast_search_equals_naive_with_a_projection():
+    model = FAMILIES["bert"].make(seed=3)
+    proj = torch.nn.Sequential(torch.nn.Linear(32, 20), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(20, 20))
+    assert_same_as_naive(model, calibration(n_chunks=2), sparsity=0.25, beam=2, projection=proj)
+
+
+def test_fast_search_equals_naive_on_real_minilm():
+    from skrr_compile.models import load_encoder, load_tokenizer
+
+    model, tok = load_encoder("builtin"), load_tokenizer("builtin")
+    prompts = read_prompts("builtin")[:8]
+    cal = tokenize(tok, prompts, chunk_size=2)
+    fast, scorer = assert_same_as_naive(model, cal, sparsity=0.1, beam=2)
+    assert fast.report["counter"]["block_evals"] * 2 < scorer.block_evals
+
+
+def test_resume_after_interruption_gives_identical_plan(tmp_path, monkeypatch):
+    model = FAMILIES["t5-gated"].make(seed=4)
+    graph = skrr.trace(model)
+    cal = calibration()
+    whole = search(model, None, cal, sparsity=0.45, progress=False, graph=graph)
+
+    real_select, calls = search_mod.Evaluator.select, {"n": 0}
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second beam step
+            raise KeyboardInterrupt
+        return real_select(self, *a, **k)
+
+    monkeypatch.setattr(search_mod.Evaluator, "select", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        search(model, None, cal, sparsity=0.45, progress=False, graph=graph, out_dir=tmp_path)
+    state = json.loads((tmp_path / "search_state.json").read_text())
+    assert state["phase"] == "skip" and len(state["history"]) == 1
+    monkeypatch.setattr(search_mod.Evaluator, "select", real_select)
+    with pytest.raises(SearchError, match="--resume"):
+        search(model, None, cal, sparsity=0.45, progress=False, graph=graph, out_dir=tmp_path)
+    with pytest.raises(SearchError, match="other inputs"):
+        search(model, None, cal, sparsity=0.5, progress=False, graph=graph, out_dir=tmp_path, resume=True)
+    resumed = search(model, None, cal, sparsity=0.45, progress=False, graph=graph, out_dir=tmp_path, resume=True)
+    assert resumed.plan == whole.plan
+    assert resumed.plan.scores == whole.plan.scores
+
+
+def test_shortgpt_ranks_layers_by_block_influence():
+    fam = FAMILIES["bert"]
+    model = fam.make(seed=5)
+    cal = calibration(n_chunks=2)
+    result = search(model, None, cal, sparsity=0.2, method="shortgpt", progress=False)
+    # hand computation from HF hidden states: BI_l = mean over real tokens of 1 - cos(h_l, h_{l+1})
+    sums, n = [0.0] * 3, 0
+    for ids, mask in cal.chunks:
+        hs = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        m = mask.bool()
+        for layer in range(3):
+            cos = torch.nn.functional.cosine_similarity(hs[layer].double(), hs[layer + 1].double(), dim=-1)
+            sums[layer] += float((1 - cos)[m].sum())
+        n += int(m.sum())
+    bi = [s / n for s in sums]
+    ranking = [r["layer"] for r in result.report["layer_ranking"]]
+    assert ranking == sorted(range(3), key=lambda layer: bi[layer])
+    for r in result.report["layer_ranking"]:
+        assert r["block_influence"] == pytest.approx(bi[r["layer"]], rel=1e-6)
+    first = ranking[0]
+    assert result.plan.skip == (2 * first, 2 * first + 1)  # one layer (~23%) reaches 20%
+
+
+def test_laco_merges_parameter_differences_into_the_base_layer():
+    fam = FAMILIES["clip"]
+    model = fam.make(seed=6)
+    cal = calibration(n_chunks=2)
+    res = search(model, None, cal, sparsity=0.2, method="laco", laco_params={"T": -1.0, "I": 1, "M": 2},
+                 progress=False)
+    # T = -1 accepts the first merge: base = 3 - 2 = 1, layer 2 merged into layer 1
+    assert res.plan.skip == (4, 5)
+    params = dict(model.named_parameters())
+    for name, merged in res.overrides.items():
+        other = name.replace("layers.1.", "layers.2.")
+        torch.testing.assert_close(merged, params[name] + (params[other] - params[name]))
+    log = res.report["laco_log"]
+    assert log[0]["base"] == 1 and log[0]["merged"] == [2] and log[0]["accepted"]
+    rejected = search(model, None, cal, sparsity=0.2, method="laco", laco_params={"T": 1.01}, progress=False)
+    assert rejected.plan.skip == () and not any(e["accepted"] for e in rejected.report["laco_log"])
+
+
+def test_finercut_is_greedy_beam_one():
+    model = FAMILIES["t5-relu"].make(seed=7)
+    graph = skrr.trace(model)
+    cal = calibration()
+    fc = search(model, None, cal, sparsity=0.3, method="finercut", progress=False, graph=graph)
+    scorer = NaiveScorer(model, graph, cal)
+    skip, order, _, _ = naive_skip_phase(scorer, 0.3, beam=1)
+    assert set(fc.plan.skip) == skip and fc.plan.order == order and fc.plan.reuse == {}
+
+
+def test_bad_inputs_get_clear_errors(tmp_path):
+    model = FAMILIES["t5-gated"].make()
+    cal = calibration(n_chunks=1)
+    with pytest.raises(SearchError, match=r"in \(0, 1\)"):
+        search(model, None, cal, sparsity=1.2, progress=False)
+    with pytest.raises(SearchError, match="cannot be reached"):
+        search(model, None, cal, sparsity=0.95, progress=False)
+    with pytest.raises(SearchError, match="unknown method"):
+        search(model, None, cal, sparsity=0.3, method="magic", progress=False)
+    with pytest.raises(ValueError, match="width 32"):
+        search(model, None, cal, sparsity=0.3, projection=torch.nn.Linear(48, 8), progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(PromptError, match="no prompts"):
+        read_prompts(empty)
+    with pytest.raises(PromptError, match="does not exist"):
+        read_prompts(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption": "a cat"}\n')
+    with pytest.raises(PromptError, match="field 'prompt' does not exist"):
+        read_prompts(bad, field="prompt")
+    with pytest.raises(PromptError, match="unsupported prompt file type"):
+        read_prompts(tmp_path / "x.parquet") if (tmp_path / "x.parquet").write_text("x") else None
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(PromptError, match="cannot read"):
+        read_prompts(binary)
+
+
+@pytest.mark.skipif(not SHARED_PROMPTS.is_dir(), reason="../shared/data/prompts not present")
+def test_reads_the_shared_prompt_sets():
+    assert len(read_prompts(SHARED_PROMPTS / "partiprompts.tsv")) == 1632
+    assert len(read_prompts(SHARED_PROMPTS / "geneval_metadata.jsonl")) == 553
+    with pytest.raises(PromptError, match="available"):
+        read_prompts(SHARED_PROMPTS / "partiprompts.tsv", field="prompt")
+    iiw = read_prompts(SHARED_PROMPTS / "iiw_locnar_eval.jsonl")
+    assert len(iiw) == 1000
+
+
+def test_tokenize_warns_on_truncation_and_filters_by_length():
+    from skrr_compile.models import load_tokenizer
+
+    tok = load_tokenizer("builtin")
+    prompts = read_prompts("builtin")
+    with pytest.warns(UserWarning, match="truncated"):
+        cal = tokenize(tok, prompts, max_length=16, chunk_size=8)
+    assert cal.truncated > 0 and cal.null[0].shape[0] == 1
+    long_only = tokenize(tok, prompts, min_tokens=40)
+    assert 0 < long_only.num_prompts < len(prompts) and long_only.dropped == len(prompts) - long_only.num_prompts
