@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .compressed import load_tensors, save_tensors
 from .graph import apply_to_graph, trace
 from .module import PrunedEncoder, bind_tensors, named_tensors, retarget_devices
 from .plan import Plan
@@ -83,14 +84,24 @@ def _dedup(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
     return unique, aliases
 
 
-def save(pruned: PrunedEncoder, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write a directory that `load` rebuilds without the original checkpoint."""
+def save(
+    pruned: PrunedEncoder, out_dir: str | Path, tokenizer=None, overwrite: bool = False, compress: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a directory that `load` rebuilds without the original checkpoint.
+
+    `compress=True` stores sparse (e.g. magnitude-pruned) weights as values + bitmask / CSR
+    (see `skrr_compile.compressed`); `load` reads both forms. `extra_files` (name -> text) are written too.
+    """
     if not isinstance(pruned, PrunedEncoder):
         raise TypeError(f"save expects a PrunedEncoder (from skrr.apply or skrr.load), got {type(pruned).__name__}")
     unique, aliases = _dedup(named_tensors(pruned.graph_module))
 
     def fill(tmp: Path) -> None:
-        save_file(unique, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": FORMAT})
+        if compress:
+            save_tensors(unique, tmp / WEIGHTS_FILE, metadata={"producer": FORMAT})
+        else:
+            save_file(unique, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": FORMAT})
         pruned.config.save_pretrained(tmp)
         (tmp / PLAN_FILE).write_text(pruned.plan.to_json())
         meta = {
@@ -106,6 +117,8 @@ def save(pruned: PrunedEncoder, out_dir: str | Path, tokenizer=None, overwrite: 
         (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
     return write_dir_atomically(out_dir, fill, overwrite=overwrite)
 
@@ -150,7 +163,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     plan = Plan.load(d / PLAN_FILE)
     saved_dtype = getattr(torch, meta["dtype"])
     gm = build_graph_module(config, meta["architecture"], plan, dtype=saved_dtype)
-    tensors = load_file(str(d / WEIGHTS_FILE), device=str(device))
+    tensors = load_tensors(d / WEIGHTS_FILE, device=str(device))  # plain or compressed safetensors
     for alias, canonical in meta.get("aliases", {}).items():
         tensors[alias] = tensors[canonical]
     bind_tensors(gm, tensors)

@@ -95,6 +95,8 @@ class Evaluator:
         fit = max(1, cache_bytes // max(1, per_boundary * beam))
         self.stride = max(1, math.ceil((K + 1) / fit))
         self.per_boundary_bytes = per_boundary
+        self.cache_bytes = cache_bytes
+        self.states: dict = {}
         self.runner.counter.block_evals = 0  # the reference forward is not part of the search's cost
 
     def stored(self, k: int) -> bool:
@@ -116,8 +118,13 @@ class Evaluator:
             values[c] = keep
         return BoundaryCache(config, values)
 
-    def chunk_contribution(self, config: Config, start: int, parent: BoundaryCache | None, c: int) -> float:
-        """Chunk c's share of D for `config`, which equals `parent`'s configuration on sub-blocks < start."""
+    def chunk_contribution(self, config: Config, start: int, parent: BoundaryCache | None, c: int,
+                           keep: dict | None = None) -> float:
+        """Chunk c's share of D for `config`, which equals `parent`'s configuration on sub-blocks < start.
+
+        With `keep`, the boundaries this evaluation computes (that the stride stores) are put there, so a
+        candidate that survives needs no second forward to become a beam.
+        """
         r = self.runner
         ctx = self.ctx[c]
         cached = parent.values[c] if parent is not None else {0: ctx["s0"]}
@@ -131,6 +138,8 @@ class Evaluator:
                 r.counter.recompute_evals += r.counter.block_evals - before
             if k + 1 in r.suffix_boundaries:
                 bvals[k + 1] = h
+            if keep is not None and k >= start and self.stored(k + 1):
+                keep[k + 1] = h
         r.counter.chunk_evals += 1
         return self.disc.contribution(None if c < 0 else c, r.suffix(bvals, ctx))
 
@@ -153,6 +162,8 @@ class Evaluator:
         heap = [(0.0, cand[4], i) for i, cand in enumerate(cands)]
         heapq.heapify(heap)
         progress, partial, done = [0] * len(cands), [0.0] * len(cands), {}
+        self.states = {}  # candidate -> {chunk: {boundary: h}}: beam caches for the survivors, within budget
+        held = 0
         finished = sorted(complete)
         bar = tqdm(total=len(cands) * len(self.chunks), desc=desc, disable=not self.progress, leave=False,
                    unit="chunk")
@@ -162,7 +173,16 @@ class Evaluator:
                 r.counter.abandoned += 1 + len(heap)
                 break
             config, start, parent, tie, _ = cands[i]
-            partial[i] += self.chunk_contribution(config, start, parent, self.chunks[progress[i]])
+            c = self.chunks[progress[i]]
+            keep = {} if (i in self.states or progress[i] == 0) else None
+            partial[i] += self.chunk_contribution(config, start, parent, c, keep)
+            if keep is not None:
+                size = sum(t.numel() * t.element_size() for t in keep.values())
+                if held + size <= self.cache_bytes:
+                    self.states.setdefault(i, {})[c] = keep
+                    held += size
+                elif i in self.states:
+                    held -= sum(t.numel() * t.element_size() for v in self.states.pop(i).values() for t in v.values())
             progress[i] += 1
             bar.update(1)
             if progress[i] == len(self.chunks):
@@ -172,7 +192,19 @@ class Evaluator:
             else:
                 heapq.heappush(heap, (partial[i], prio, i))
         bar.close()
+        self.states = {i: v for i, v in self.states.items() if i in done}
         return done
+
+    def cache_from(self, i: int, config: Config, start: int, parent: BoundaryCache) -> BoundaryCache:
+        """Beam cache of candidate i of the last `select`: its kept boundaries, or a fresh forward."""
+        kept = self.states.get(i)
+        if kept is None or len(kept) != len(self.chunks):
+            return self.cache(config)
+        values = {}
+        for c in self.chunks:
+            values[c] = {k: v for k, v in parent.values[c].items() if k <= start}
+            values[c].update(kept[c])
+        return BoundaryCache(config, values)
 
     def outputs(self, config: Config, calibration: Calibration | None = None):
         """(chunk outputs, null output) of `config`, for reports."""
@@ -279,9 +311,11 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
         known = [(b.score, tuple(sorted(b.config.skip))) for b in carried]
         scores = ev.select(specs, beam, known, desc=f"skip step {len(history) + 1}")
         complete = [(b.score, tuple(sorted(b.config.skip)), b) for b in carried]
+        origin = {}
         for i, d in scores.items():
             parent, j = cands[i]
             complete.append((d, specs[i][3], Beam(specs[i][0], parent.order + (j,), d)))
+            origin[specs[i][0]] = (i, j, caches[parent.config])
             delta[j] = d - parent.score
         if progress:
             best_now = min(complete, key=lambda c: c[:2])
@@ -294,7 +328,10 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
         history.append({"depth": len(best.order), "skip": sorted(best.config.skip), "order": list(best.order),
                         "score": best.score, "sparsity": _removed(graph, best.config.skip, memo) / graph.total_params})
         beams = survivors
-        caches = {b.config: caches.get(b.config) or ev.cache(b.config) for b in beams if not finished(b)}
+        caches = {
+            b.config: caches.get(b.config) or ev.cache_from(origin[b.config][0], b.config, *origin[b.config][1:])
+            for b in beams if not finished(b)
+        }
         ckpt.save(phase="skip", beams=[b.to_dict() for b in beams], history=history,
                   delta={str(k): v for k, v in delta.items()}, counter=ev.runner.counter.to_dict())
     return min(beams, key=lambda b: b.key), history
@@ -327,7 +364,7 @@ def reuse_phase(graph: EncoderGraph, ev: Evaluator, best: Beam, ckpt: Checkpoint
                       "scores": {str(k): v for k, v in scores.items()}, "chosen": best_choice})
         if best_choice is not None:
             current = Beam(current.config.with_reuse(i, best_choice), current.order, best_score)
-            cache = ev.cache(current.config)
+            cache = ev.cache_from(options.index(best_choice), current.config, i, cache)
         ckpt.save(phase="reuse", reuse_beam=current.to_dict(), reuse_steps=steps,
                   counter=ev.runner.counter.to_dict())
     return current, steps
@@ -556,3 +593,43 @@ def _describe(projection) -> str:
         else:
             desc.append(repr(p))
     return "|".join(desc)
+
+
+# --- results as models, held-out evaluation, comparison ------------------------------------------------
+def materialize(graph: EncoderGraph, result: SearchResult):
+    """The PrunedEncoder of a search result (LaCo's merged parameters bound in place of the originals)."""
+    from .module import apply, bind_tensors, named_tensors
+
+    pruned = apply(graph, result.plan)
+    if result.overrides:
+        tensors = named_tensors(pruned.graph_module)
+        tensors.update({k: v.clone() for k, v in result.overrides.items()})
+        bind_tensors(pruned.graph_module, tensors)
+    return pruned
+
+
+def heldout_report(dense, pruned, calibration: Calibration, projection=None, select=last_hidden_state) -> dict:
+    """Discrepancy of `pruned` against the dense HF model on a held-out calibration set."""
+    return Discrepancy(dense, calibration, projection, select).evaluate(pruned).to_dict()
+
+
+def result_row(graph: EncoderGraph, result: SearchResult, pruned, heldout: dict | None = None) -> dict:
+    cal = result.report.get("calibration_report", {})
+    return {
+        "method": result.plan.method,
+        "target": result.report["target_sparsity"],
+        "sparsity": result.report["sparsity"],
+        "params": pruned.num_params,
+        "mb": pruned.num_bytes / 1e6,
+        "calib_discrepancy": cal.get("discrepancy"),
+        "calib_cosine": cal.get("cosine"),
+        "calib_null_norm_ratio": cal.get("null_norm_ratio"),
+        "heldout_discrepancy": (heldout or {}).get("discrepancy"),
+        "heldout_cosine": (heldout or {}).get("cosine"),
+        "heldout_null_norm_ratio": (heldout or {}).get("null_norm_ratio"),
+        "skip": list(result.plan.skip),
+        "reuse": {str(k): v for k, v in result.plan.reuse.items()},
+        "order": list(result.plan.order or ()),
+        "block_evals": result.report["counter"]["block_evals"],
+        "seconds": result.report["seconds"],
+    }
