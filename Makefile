@@ -32,9 +32,9 @@ demo: install
 	$(BIN)/skrr-compile inspect builtin
 	@echo "== Skrr search (beam 3, skip + re-use) to 30% sparsity on the shipped prompts, then save"
 	rm -rf $(DEMO_OUT)
-	$(BIN)/skrr-compile prune builtin --prompts builtin --heldout builtin --sparsity 0.3 --out $(DEMO_OUT)
+	$(BIN)/skrr-compile prune builtin --prompts builtin --heldout builtin-heldout --sparsity 0.3 --out $(DEMO_OUT)
 	@echo "== reload the pruned model from $(DEMO_OUT) and report its held-out discrepancy"
-	$(BIN)/skrr-compile eval $(DEMO_OUT) --prompts builtin
+	$(BIN)/skrr-compile eval $(DEMO_OUT) --prompts builtin-heldout
 
 lint: install
 	$(BIN)/ruff check .

@@ -20,18 +20,21 @@ class PromptError(ValueError):
     """A prompt source that cannot be read as a list of prompts."""
 
 
-def builtin_prompts() -> list[str]:
-    """The small prompt set shipped with skrr-compile (works without any data directory)."""
-    text = resources.files("skrr_compile.data").joinpath("prompts.txt").read_text()
+BUILTIN_SETS = {"builtin": "prompts.txt", "builtin-heldout": "heldout.txt"}
+
+
+def builtin_prompts(name: str = "builtin") -> list[str]:
+    """The small prompt sets shipped with skrr-compile: "builtin" (calibration), "builtin-heldout"."""
+    text = resources.files("skrr_compile.data").joinpath(BUILTIN_SETS[name]).read_text()
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def read_prompts(source: str | Path | Sequence[str], field: str | None = None, limit: int | None = None) -> list[str]:
-    """Prompts from a list, a .txt/.jsonl/.tsv/.csv file, or "builtin"."""
+    """Prompts from a list, a .txt/.jsonl/.tsv/.csv file, "builtin" or "builtin-heldout"."""
     if isinstance(source, (list, tuple)):
         prompts = [str(p) for p in source]
-    elif str(source) == "builtin":
-        prompts = builtin_prompts()
+    elif str(source) in BUILTIN_SETS:
+        prompts = builtin_prompts(str(source))
     else:
         prompts = _read_file(Path(source), field)
     prompts = [p for p in prompts if p.strip()]

@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .calibration import read_prompts
 from .cli import CLIError
 from .graph import trace
 from .io import load, read_model_meta, save
@@ -15,6 +16,7 @@ from .report import write_report
 from .search import (
     METHODS,
     STATE_FILE,
+    SearchError,
     heldout_report,
     materialize,
     prepare_calibration,
@@ -97,6 +99,11 @@ def _load(model_path: str):
 
 
 def _run_search(args, out: Path):
+    if not 0.0 < args.sparsity < 1.0:  # cheap checks before loading anything
+        raise CLIError(f"sparsity must be in (0, 1), got {args.sparsity}")
+    read_prompts(args.prompts, field=args.field, limit=args.limit)
+    if args.heldout:
+        read_prompts(args.heldout, field=args.heldout_field, limit=args.heldout_limit)
     path, model, tok = _load(args.model)
     graph = trace(model)
     cal = _calibration(args, tok)
@@ -186,12 +193,19 @@ def cmd_compare(args) -> int:
     graph = trace(model)
     cal = _calibration(args, tok)
     held = _calibration(args, tok, "heldout_") if args.heldout else None
+    notes = [f"dense model: {path}", f"{cal.num_prompts} calibration prompts",
+             f"{held.num_prompts} held-out prompts" if held else "no held-out set"]
     for s in sparsities:
         for m in methods:
             if (m, s) in have:
                 continue
-            result = search(model, tok, cal, sparsity=s, method=m, beam=args.beam, progress=not args.quiet,
-                            graph=graph)
+            try:
+                result = search(model, tok, cal, sparsity=s, method=m, beam=args.beam, progress=not args.quiet,
+                                graph=graph)
+            except SearchError as e:
+                print(f"{m:>10} @ {s:.2f}: skipped: {e}", flush=True)
+                notes.append(f"{m} at {s:.2f}: {e}")
+                continue
             pruned = materialize(graph, result)
             row = result_row(graph, result, pruned, heldout_report(model, pruned, held) if held else None)
             rows.append(row)
@@ -199,9 +213,7 @@ def cmd_compare(args) -> int:
                 f.write(json.dumps(row, default=str) + "\n")
             print(f"{m:>10} @ {s:.2f}: sparsity {row['sparsity']:.4f}, calib D {row['calib_discrepancy']:.5g}"
                   + (f", held-out D {row['heldout_discrepancy']:.5g}" if held else ""), flush=True)
-    write_report(out, rows, title=f"compare on {Path(str(path)).name}", command=_command(),
-                 notes=[f"dense model: {path}", f"{cal.num_prompts} calibration prompts",
-                        f"{held.num_prompts} held-out prompts" if held else "no held-out set"])
+    write_report(out, rows, title=f"compare on {Path(str(path)).name}", command=_command(), notes=notes)
     print(f"report -> {out / 'report.md'}")
     return 0
 
