@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .graph import EncoderGraph, apply_to_graph, param_bytes, param_numel, trace
+from .graph import EncoderGraph, apply_to_graph, block_table, param_bytes, param_numel, trace
 from .plan import Plan
 
 _UNSUPPORTED_INPUTS = ("position_ids", "inputs_embeds", "head_mask", "past_key_values")
@@ -171,9 +171,6 @@ def apply(model_or_graph, plan: Plan) -> PrunedEncoder:
         "dense_bytes": param_bytes(graph.graph_module),
         "removed_params": dense - param_numel(gm),
         "fingerprint": fingerprint,
-        "blocks": [
-            {"index": b.index, "kind": b.kind, "layer": b.layer, "params": b.num_params, "path": b.path}
-            for b in graph.blocks
-        ],
+        "blocks": block_table(graph.blocks),
     }
     return PrunedEncoder(gm, graph.config, plan, graph.architecture, info)

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from skrr_compile.passes.graph_utils import fetch_attr
+
 from .calibration import Calibration, read_prompts, tokenize
 from .discrepancy import Discrepancy, last_hidden_state
 from .graph import EncoderGraph, trace
@@ -142,11 +144,6 @@ class Evaluator:
                 keep[k + 1] = h
         r.counter.chunk_evals += 1
         return self.disc.contribution(None if c < 0 else c, r.suffix(bvals, ctx))
-
-    def score(self, config: Config, start: int = 0, parent: BoundaryCache | None = None) -> float:
-        """D of `config` over every chunk (no abandoning)."""
-        self.runner.counter.candidates += 1
-        return sum(self.chunk_contribution(config, start, parent, c) for c in self.chunks)
 
     def select(self, cands: Sequence[tuple], k: int, complete: list[tuple], desc: str = "") -> dict[int, float]:
         """Exact k best of `cands` and `complete`, scoring as few (candidate, chunk) pairs as possible.
@@ -435,11 +432,11 @@ def laco(graph: EncoderGraph, ev: Evaluator, target: int, params: dict) -> tuple
             continue
         trial = dict(overrides)
         for name in layer_params[base]:
-            theta = overrides.get(name, fetch(gm, name)).detach()
+            theta = overrides.get(name, fetch_attr(gm, name)).detach()
             merged = theta.clone()
             for f in following:
                 other = name.replace(f"{layers_path}.{base}.", f"{layers_path}.{f}.", 1)
-                merged += overrides.get(other, fetch(gm, other)).detach() - theta
+                merged += overrides.get(other, fetch_attr(gm, other)).detach() - theta
             trial[name] = merged
         trial_skip = skip | {2 * f + s for f in following for s in (0, 1)}
         if len(trial_skip) >= len(graph.blocks):
@@ -456,13 +453,6 @@ def laco(graph: EncoderGraph, ev: Evaluator, target: int, params: dict) -> tuple
         else:
             base -= 1
     return sorted(skip), overrides, log
-
-
-def fetch(gm, name):
-    obj = gm
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _mean_cosine(ev: Evaluator, outs) -> float:

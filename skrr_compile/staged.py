@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
@@ -55,7 +55,6 @@ class Counter:
     abandoned: int = 0
     chunk_evals: int = 0
     recompute_evals: int = 0
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
