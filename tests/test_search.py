@@ -195,3 +195,29 @@ def test_tokenize_warns_on_truncation_and_filters_by_length():
     assert cal.truncated > 0 and cal.null[0].shape[0] == 1
     long_only = tokenize(tok, prompts, min_tokens=40)
     assert 0 < long_only.num_prompts < len(prompts) and long_only.dropped == len(prompts) - long_only.num_prompts
+
+
+def test_reuse_phase_picks_what_brute_force_picks():
+    """Sub-block 5 (layer 2 FFN) is given layer 1's FFN weights: re-using it for a skipped sub-block 3
+    reproduces the dense model exactly, so Algorithm 2 must pick right = 5 for 3; for 2 it must pick what
+    a brute-force comparison of {skip, left, right} picks."""
+    from skrr_compile.search import Beam, Checkpoint, Evaluator, reuse_phase
+    from skrr_compile.staged import Config, StagedRunner
+
+    model = FAMILIES["t5-gated"].make(seed=8)
+    with torch.no_grad():
+        ffn1, ffn2 = model.encoder.block[1].layer[1], model.encoder.block[2].layer[1]
+        for a, b in zip(ffn2.parameters(), ffn1.parameters()):
+            a.copy_(b)
+    graph = skrr.trace(model)
+    cal = calibration()
+    ev = Evaluator(StagedRunner(graph), cal)
+    scorer = NaiveScorer(model, graph, cal)
+    skip, order = {2, 3}, (3, 2)
+    d0 = scorer.score(skip)
+    best, steps = reuse_phase(graph, ev, Beam(Config(frozenset(skip)), order, d0), Checkpoint(None, "", False),
+                              progress=False)
+    want, _ = naive_reuse_phase(scorer, skip, order, d0)
+    assert best.config.reuse_map == want
+    assert want[3] == 5 and steps[0]["chosen"] == 5
+    assert best.score == pytest.approx(scorer.score(skip, want), rel=1e-6, abs=1e-12)
