@@ -31,6 +31,7 @@ from .graph_utils import (
 
 aten = torch.ops.aten
 META_KEY = "skrr"
+CLAMP_TARGETS = {aten.clamp.Tensor, aten.clamp.default}  # HF T5 in fp16 clamps the stream between sub-blocks
 
 
 class UnsupportedModelError(ValueError):
@@ -84,13 +85,13 @@ def _is_residual_add(node: fx.Node) -> bool:
 
 
 def _stream_chain(start: fx.Node, within: set[fx.Node]) -> list[fx.Node]:
-    """`start` and the nodes reached from it through no-ops and norms (post-LN), in graph order."""
+    """`start` and the nodes reached from it through no-ops, norms (post-LN) and clamps, in graph order."""
     chain, frontier = [start], [start]
     while frontier:
         n = frontier.pop()
         for user in n.users:
             if user in within and user not in chain and user.args and user.args[0] is n:
-                if is_noop(user) or user.target in NORM_TARGETS:
+                if is_noop(user) or user.target in NORM_TARGETS or user.target in CLAMP_TARGETS:
                     chain.append(user)
                     frontier.append(user)
     order = {n: i for i, n in enumerate(start.graph.nodes)}

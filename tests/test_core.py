@@ -174,3 +174,16 @@ def test_unsupported_models_get_clear_errors():
                                                    num_heads=4))
     with pytest.raises(skrr.UnsupportedModelError, match="encoder-decoder"):
         skrr.trace(t5)
+
+
+def test_t5_in_fp16_partitions_through_the_clamp():
+    """HF T5 clamps fp16 hidden states after each sub-block; the stream is followed through the clamp."""
+    fam = FAMILIES["t5-gated"]
+    model = fam.make().to(torch.float16)
+    graph = skrr.trace(model)
+    assert [b.kind for b in graph.blocks] == ["attn", "ffn"] * 3
+    pruned = skrr.apply(graph, skrr.Plan(skip=[1, 2], reuse={2: 4}))
+    ref = fam.reference(model.float(), [1, 2], {2: 4})
+    ids, mask = inputs(2, 7)
+    got = pruned(ids, attention_mask=mask).last_hidden_state.float()
+    torch.testing.assert_close(got, ref(ids, attention_mask=mask).last_hidden_state, atol=2e-2, rtol=2e-2)

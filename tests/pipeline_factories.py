@@ -1,0 +1,261 @@
+"""Tiny random diffusers pipelines of every family skrr-compile supports, built offline from configs.
+
+Each factory returns a pipeline whose text encoders are real HF classes (T5, CLIP, CLIP with projection)
+with a few thousand parameters, real tokenizers (a sentencepiece model trained here for T5, a byte-level
+BPE vocabulary for CLIP), and consumers sized so that every encoder output reaches the denoiser:
+  PixArt-Alpha/Sigma  T5 (d 32)                          -> transformer.caption_projection (32 -> 24)
+  SD 1.x/2.x          CLIP (hidden 32)                   -> unet cross-attention (identity)
+  SDXL                CLIP (32) + CLIP-proj (32, pooled) -> unet (64 channels) + add_embedding (pooled)
+  SD3                 CLIP-L (16) + CLIP-G (24) + T5 (48) -> context_embedder (48 -> 32) + time_text_embed (40)
+  FLUX                CLIP (pooled 32) + T5 (32)          -> time_text_embed (32) + context_embedder (32)
+All weights are drawn from one seeded generator, so a factory builds the same pipeline every time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import torch
+
+T5_PROMPT_CORPUS = [
+    "a photo of a cat sitting on a red sofa",
+    "an astronaut riding a horse on the moon, digital art",
+    "a bowl of fruit on a wooden table, oil painting",
+    "the quick brown fox jumps over the lazy dog",
+    "mountains at sunset with a lake and a small boat",
+    "a city street at night in the rain with neon lights",
+    "a portrait of an old man with a white beard",
+    "two dogs playing in the snow",
+]
+GEN_KWARGS = {"num_inference_steps": 2, "height": 16, "width": 16, "guidance_scale": 2.0}
+T5_MAX_SEQUENCE = 16  # max_sequence_length used when the pipelines run in tests
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: every byte mapped to a printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = []
+    for a, b in [("t", "h"), ("th", "e</w>"), ("o", "n</w>"), ("i", "n"), ("a", "t</w>"), ("c", "at</w>"), ("a", "n</w>")]:
+        merges.append((a, b))
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab()
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+    tok.model_max_length = 77
+    return tok
+
+
+@functools.lru_cache(maxsize=1)
+def _t5_tokenizer_dir() -> str:
+    import sentencepiece as spm
+
+    d = tempfile.mkdtemp(prefix="skrr_t5_tok_")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(T5_PROMPT_CORPUS * 8),
+        model_prefix=os.path.join(d, "spiece"),
+        vocab_size=64,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    return d
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(_t5_tokenizer_dir())
+
+
+def _randomize(*modules: torch.nn.Module, seed: int) -> None:
+    """Redraw every weight (fresh HF inits leave norms at exactly 1, which ONNX/compilers may fold away)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for name, p in module.named_parameters():
+                norm_weight = p.dim() == 1 and name.endswith("weight")
+                std = 0.1 if norm_weight else min(0.2, 1.5 / p.shape[-1] ** 0.5)  # wide layers: smaller
+                p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if norm_weight else 0.0))
+
+
+def t5_encoder(d_model: int = 32, layers: int = 2, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    tok_len = len(t5_tokenizer())
+    cfg = T5Config(
+        vocab_size=max(160, tok_len), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0,
+    )
+    torch.manual_seed(seed)
+    model = T5EncoderModel(cfg).eval()
+    _randomize(model, seed=seed)
+    return model
+
+
+def clip_encoder(hidden: int = 32, layers: int = 2, projection: int | None = None, seed: int = 1):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab, _ = _clip_vocab()
+    cfg = CLIPTextConfig(
+        vocab_size=len(vocab) + 2, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection or hidden,
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"], hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    model = cls(cfg).eval()
+    _randomize(model, seed=seed)
+    return model
+
+
+def _tiny_vae(latent_channels: int = 4, flow: bool = False):
+    from diffusers import AutoencoderKL
+
+    kwargs = dict(
+        in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=2, sample_size=16,
+    )
+    if flow:
+        kwargs.update(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    torch.manual_seed(7)
+    return AutoencoderKL(**kwargs).eval()
+
+
+def make_pixart(sigma: bool = False):
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(3)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+    _randomize(transformer.caption_projection, seed=4)
+    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    return cls(
+        tokenizer=t5_tokenizer(), text_encoder=t5_encoder(32), vae=_tiny_vae(), transformer=transformer,
+        scheduler=DDIMScheduler(),
+    )
+
+
+def make_sd():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=2, attention_head_dim=4,
+    ).eval()
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=clip_encoder(32), tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def make_sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(6)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=32 + 6 * 8, cross_attention_dim=32 + 32, norm_num_groups=2,
+    ).eval()
+    _randomize(unet.add_embedding, seed=8)
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=clip_encoder(32, seed=11), text_encoder_2=clip_encoder(32, projection=32, seed=12),
+        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=EulerDiscreteScheduler(),
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+def make_sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(9)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=48, pooled_projection_dim=16 + 24, out_channels=4,
+    ).eval()
+    _randomize(transformer.context_embedder, transformer.time_text_embed, seed=10)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(flow=True),
+        text_encoder=clip_encoder(16, projection=16, seed=21), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_encoder(24, projection=24, seed=22), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_encoder(48, seed=23), tokenizer_3=t5_tokenizer(),
+    )
+
+
+def make_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(13)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    ).eval()
+    _randomize(transformer.context_embedder, transformer.time_text_embed, seed=14)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(latent_channels=1, flow=True),
+        text_encoder=clip_encoder(32, seed=31), tokenizer=clip_tokenizer(), text_encoder_2=t5_encoder(32, seed=32),
+        tokenizer_2=t5_tokenizer(), transformer=transformer,
+    )
+
+
+FACTORIES = {
+    "pixart_alpha": make_pixart,
+    "pixart_sigma": functools.partial(make_pixart, sigma=True),
+    "sd": make_sd,
+    "sdxl": make_sdxl,
+    "sd3": make_sd3,
+    "flux": make_flux,
+}
+
+
+def generate(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch.Tensor:
+    """Two denoising steps from a fixed seed; returns the final latents."""
+    kwargs = dict(GEN_KWARGS)
+    name = type(pipe).__name__
+    if "PixArt" in name:
+        kwargs.update(use_resolution_binning=False, max_sequence_length=T5_MAX_SEQUENCE)
+    if name.startswith(("StableDiffusion3", "Flux")):
+        kwargs.update(max_sequence_length=T5_MAX_SEQUENCE)
+    with torch.no_grad():
+        out = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
+    return out.images
