@@ -24,8 +24,9 @@ import transformers as tf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import skrr_compile as skrr  # noqa: E402
 from search_reference import NaiveScorer, naive_reuse_phase, naive_skip_phase  # noqa: E402
+
+import skrr_compile as skrr  # noqa: E402
 from skrr_compile.calibration import read_prompts, tokenize  # noqa: E402
 from skrr_compile.models import load_tokenizer  # noqa: E402
 from skrr_compile.search import search  # noqa: E402
@@ -76,6 +77,15 @@ def main() -> None:
           f"{c['abandoned']} abandoned early, {c['recompute_evals']:,} evals spent on beam caches)")
     print(f"       plan skip={list(fast.plan.skip)} reuse={fast.plan.reuse} D={fast.report['discrepancy']:.6g} "
           f"sparsity={fast.report['sparsity']:.4f}")
+    n_chunks = len(cal.chunks) + 1
+    K = 2 * args.layers
+    steps = fast.report["depth_history"]
+    naive_skip = sum(h["candidates"] * (K - h["depth"]) * n_chunks for h in steps)
+    naive_reuse = sum(len([x for x in (r["left"], r["right"]) if x is not None]) for r in fast.report.get("reuse_steps", []))
+    depth = len(fast.plan.skip)
+    naive_count = naive_skip + naive_reuse * (K - depth + 1) * n_chunks  # upper bound for re-use candidates
+    print(f"naive (counted, same trajectory): {naive_count:,} sub-block evals -> naive / fast = "
+          f"{naive_count / c['block_evals']:.2f}x")
     if args.skip_naive:
         return
 

@@ -322,7 +322,8 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
             raise SearchError("no candidate could be scored (every extension would skip all sub-blocks)")
         survivors = [c[2] for c in sorted(complete, key=lambda c: c[:2])[:beam]]
         best = survivors[0]
-        history.append({"depth": len(best.order), "skip": sorted(best.config.skip), "order": list(best.order),
+        history.append({"depth": len(best.order), "candidates": len(cands), "scored": len(scores),
+                        "skip": sorted(best.config.skip), "order": list(best.order),
                         "score": best.score, "sparsity": _removed(graph, best.config.skip, memo) / graph.total_params})
         beams = survivors
         caches = {
