@@ -104,7 +104,7 @@ def encoded_sizes(shape: tuple[int, ...], dtype: torch.dtype, nnz: int) -> dict[
 def choose_encoding(t: torch.Tensor, nnz: int | None = None) -> str:
     """The smallest encoding for `t` (dense on ties), counting about PART_OVERHEAD header bytes per stored part."""
     if nnz is None:
-        nnz = int(nonzero_mask(t).sum())
+        nnz = int(torch.count_nonzero(nonzero_mask(t)))
     sizes = encoded_sizes(tuple(t.shape), t.dtype, nnz)
     cost = {k: v + PART_OVERHEAD * PARTS[k] for k, v in sizes.items()}
     return min(cost, key=lambda k: (cost[k], ENCODINGS.index(k)))
@@ -116,7 +116,7 @@ def encode(name: str, t: torch.Tensor, encoding: str = "auto") -> tuple[dict[str
         raise CompressedFormatError(f"tensor name {name!r} contains the reserved separator {SEP!r}")
     t = t.detach().contiguous().cpu()
     mask = nonzero_mask(t)
-    nnz = int(mask.sum())
+    nnz = int(torch.count_nonzero(mask))
     if encoding == "auto":
         encoding = choose_encoding(t, nnz)
     if encoding not in ENCODINGS:
@@ -166,8 +166,9 @@ def decode(name: str, entry: Mapping, get: Callable[[str], torch.Tensor], layout
     n = math.prod(shape)
     if enc == "bitmask":
         mask = unpack_bits(get(f"{name}{SEP}mask"), n)
-        if int(mask.sum()) != values.numel():
-            raise CompressedFormatError(f"{name}: the bitmask has {int(mask.sum())} bits set for {values.numel()} values")
+        set_bits = int(torch.count_nonzero(mask))
+        if set_bits != values.numel():
+            raise CompressedFormatError(f"{name}: the bitmask has {set_bits} bits set for {values.numel()} values")
         if layout == "sparse_csr" and len(shape) == 2:
             m2 = mask.view(shape)
             crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=values.device)
@@ -175,8 +176,7 @@ def decode(name: str, entry: Mapping, get: Callable[[str], torch.Tensor], layout
             col = m2.nonzero()[:, 1]
             return _csr(crow, col, values, shape)
         out = torch.zeros(n, dtype=dtype, device=values.device)
-        out[mask] = values
-        return out.view(shape)
+        return out.masked_scatter_(mask, values).view(shape)
     if enc == "csr":
         crow = get(f"{name}{SEP}crow").long()
         col = get(f"{name}{SEP}col").long()
