@@ -67,19 +67,21 @@ def status(key):
             return int(line.split()[1]) * 1024
 def rss():
     return status("VmRSS")
-import transformers  # imports first, so they are not counted as the model's memory
+import ctypes
+import transformers  # imports first (the model class too), so they are not counted as the model's memory
+from transformers import BertModel
 from skrr_compile.magnitude_io import load_pruned
 from skrr_compile.models import load_encoder
 kind, path = sys.argv[1], sys.argv[2]
-gc.collect(); before = rss(); t = time.perf_counter()
+trim = ctypes.CDLL("libc.so.6").malloc_trim
+gc.collect(); trim(0); before = rss(); t = time.perf_counter()
 if kind == "original":
     model = load_encoder(path)
 else:
     model = load_pruned(path, layout=kind)
 seconds = time.perf_counter() - t
 gc.collect(); after = rss(); peak = status("VmHWM")
-import ctypes
-ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS shows what is still held
+trim(0)  # hand freed heap pages back, so RSS shows what is still held
 trimmed = rss()
 tensors = {id(p): p for p in list(model.parameters()) + list(model.buffers())}.values()
 def nbytes(t):
@@ -109,16 +111,19 @@ def rss_after_loading(kind: str, path: Path) -> dict:
     }
 
 
-def latency_ms(model, ids, mask, repeat: int = 10) -> float:
-    """Best of `repeat` forwards (the minimum is the least disturbed by other load on the machine)."""
+def latencies_ms(models: dict, ids, mask, rounds: int = 10) -> dict:
+    """Best of `rounds` forwards of each model, the models interleaved round by round, so load from other
+    processes on the machine hits them alike (the minimum is the least disturbed run)."""
+    times = {k: [] for k in models}
     with torch.no_grad():
-        model(ids, attention_mask=mask)  # warm up
-        times = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            model(ids, attention_mask=mask)
-            times.append(time.perf_counter() - t)
-    return 1000 * min(times)
+        for m in models.values():
+            m(ids, attention_mask=mask)  # warm up
+        for _ in range(rounds):
+            for k, m in models.items():
+                t = time.perf_counter()
+                m(ids, attention_mask=mask)
+                times[k].append(time.perf_counter() - t)
+    return {k: 1000 * min(v) for k, v in times.items()}
 
 
 def run_savings(out: Path) -> dict:
@@ -128,15 +133,13 @@ def run_savings(out: Path) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cal = tokenize(tok, read_prompts(ROOT / PROMPTS)[::25][:64], chunk_size=64)  # 64 prompts across categories
+    cal = tokenize(tok, read_prompts(ROOT / PROMPTS)[::50][:32], chunk_size=32)  # 32 prompts across categories
     ids, mask = cal.chunks[0]
     threads = torch.get_num_threads()
     results: dict = {"model": "all-MiniLM-L6-v2 (BertModel, 22.7 M params, fp32)", "original_file_bytes": original_file,
                      "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
                      "torch_threads": threads, "batch": list(ids.shape), "cases": []}
-    dense = load_encoder(src)
-    dense_ms = latency_ms(dense, ids, mask)
-    results["original_forward_ms"] = dense_ms
+    timed = {"original": load_encoder(src)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for label, config, dtype in (
@@ -175,8 +178,7 @@ def run_savings(out: Path) -> dict:
                 loaded = load_pruned(d)
                 assert measure_sparsity(loaded).linear == result.sparsity.linear
                 sparse = load_pruned(d, layout="sparse_csr")
-                case["forward_ms_dense_layout"] = latency_ms(loaded, ids, mask)
-                case["forward_ms_sparse_csr"] = latency_ms(sparse, ids, mask)
+                timed[(label, "dense")], timed[(label, "csr")] = loaded, sparse
                 case["max_abs_diff_csr_vs_dense"] = float(
                     (sparse(ids, attention_mask=mask).last_hidden_state
                      - loaded(ids, attention_mask=mask).last_hidden_state).abs().max()
@@ -186,6 +188,13 @@ def run_savings(out: Path) -> dict:
             results["cases"].append(case)
             print(json.dumps({k: v for k, v in case.items() if k not in ("config", "encodings")}), flush=True)
         results["ram_original"] = rss_after_loading("original", src)
+        ms = latencies_ms(timed, ids, mask)
+        results["original_forward_ms"] = ms["original"]
+        for case in results["cases"]:
+            if (case["case"], "dense") in ms:
+                case["forward_ms_dense_layout"] = ms[(case["case"], "dense")]
+                case["forward_ms_sparse_csr"] = ms[(case["case"], "csr")]
+        print(json.dumps({str(k): round(v, 1) for k, v in ms.items()}), flush=True)
     atomic_write_text(out / "savings.json", json.dumps(results, indent=2))
     atomic_write_text(out / "savings.md", savings_markdown(results))
     return results
@@ -200,7 +209,8 @@ def savings_markdown(r: dict) -> str:
         f"batch {r['batch'][0]} x {r['batch'][1]} tokens of PartiPrompts). Original checkpoint "
         f"{mb(r['original_file_bytes'])} MB; its forward {r['original_forward_ms']:.1f} ms (best of 10); loading "
         f"it with transformers adds {mb(r['ram_original']['rss_delta_after_trim_bytes'])} MB RSS "
-        f"({r['ram_original']['load_seconds']:.2f} s).",
+        f"({r['ram_original']['load_seconds']:.2f} s; transformers maps the file, so pages it never touches, "
+        "such as unused embedding rows, are not resident).",
         "",
         "Only Linear weights are pruned (the study's definition); the word-embedding table (11.7 M of the 22.7 M "
         "parameters) stays dense, so the whole file cannot shrink as much as the pruned weights do.",
@@ -228,7 +238,9 @@ def savings_markdown(r: dict) -> str:
                          f"{mb(dl['peak_delta_bytes'])} | {mb(cl['peak_delta_bytes'])} |")
     lines += [
         "",
-        "Forward: best of 10 on the batch, dense layout = zeros stored as dense (no speed-up, as expected). "
+        "Forward: best of 10 rounds on the batch, all models interleaved in each round (the machine is shared, "
+        "so absolute times vary between runs; compare within a run). Dense layout = zeros stored as dense "
+        "(no speed-up, as expected). "
         "Tensors MB: bytes the loaded model's tensors hold; RSS MB: growth of the process's resident memory "
         "from loading, after malloc_trim (fresh process, median of 3; see savings.json for the raw and peak "
         "figures and load times).",
