@@ -47,6 +47,11 @@ def _qwen2():
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
 
 
+def _llama():
+    return tf.LlamaModel(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+
+
 def _gemma2():
     return tf.Gemma2Model(tf.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -130,6 +135,8 @@ FAMILIES = {
                    ("attention.output.dense", ("attention.self.", "attention.output.dense.")),
                    ("output.dense", ("intermediate.", "output.dense."))),
     "qwen2": Family("qwen2", _qwen2, "layers",
+                    ("self_attn", ("input_layernorm.", "self_attn.")), ("mlp", ("post_attention_layernorm.", "mlp."))),
+    "llama": Family("llama", _llama, "layers",
                     ("self_attn", ("input_layernorm.", "self_attn.")), ("mlp", ("post_attention_layernorm.", "mlp."))),
     "gemma2": Family("gemma2", _gemma2, "layers",
                      ("self_attn", ("input_layernorm.", "self_attn.", "post_attention_layernorm.")),
