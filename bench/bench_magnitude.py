@@ -83,12 +83,16 @@ seconds = time.perf_counter() - t
 gc.collect(); after = rss(); peak = status("VmHWM")
 trim(0)  # hand freed heap pages back, so RSS shows what is still held
 trimmed = rss()
+with torch.no_grad():  # one forward touches every weight page the model uses (mapped files included)
+    model(torch.tensor([[101, 1037, 2417, 4937, 2006, 1037, 2630, 3082, 102]]))
+gc.collect(); trim(0); used = rss()
 tensors = {id(p): p for p in list(model.parameters()) + list(model.buffers())}.values()
 def nbytes(t):
     if t.layout == torch.sparse_csr:
         return sum(x.numel() * x.element_size() for x in (t.crow_indices(), t.col_indices(), t.values()))
     return t.numel() * t.element_size()
 print(json.dumps({"rss_delta_bytes": after - before, "rss_delta_after_trim_bytes": trimmed - before,
+                  "rss_delta_after_forward_bytes": used - before,
                   "peak_delta_bytes": peak - before, "tensor_bytes": sum(nbytes(t) for t in tensors),
                   "load_seconds": seconds}))
 """
@@ -105,6 +109,7 @@ def rss_after_loading(kind: str, path: Path) -> dict:
     return {
         "rss_delta_bytes": int(med("rss_delta_bytes")),
         "rss_delta_after_trim_bytes": int(med("rss_delta_after_trim_bytes")),
+        "rss_delta_after_forward_bytes": int(med("rss_delta_after_forward_bytes")),
         "peak_delta_bytes": int(med("peak_delta_bytes")),
         "tensor_bytes": runs[0]["tensor_bytes"],
         "load_seconds": med("load_seconds"),
@@ -208,16 +213,18 @@ def savings_markdown(r: dict) -> str:
         f"Command: `.venv/bin/python bench/bench_magnitude.py --part savings` ({r['torch_threads']} torch threads, "
         f"batch {r['batch'][0]} x {r['batch'][1]} tokens of PartiPrompts). Original checkpoint "
         f"{mb(r['original_file_bytes'])} MB; its forward {r['original_forward_ms']:.1f} ms (best of 10); loading "
-        f"it with transformers adds {mb(r['ram_original']['rss_delta_after_trim_bytes'])} MB RSS "
-        f"({r['ram_original']['load_seconds']:.2f} s; transformers maps the file, so pages it never touches, "
+        f"it with transformers adds {mb(r['ram_original']['rss_delta_after_trim_bytes'])} MB RSS, "
+        f"{mb(r['ram_original']['rss_delta_after_forward_bytes'])} MB after one forward "
+        f"({r['ram_original']['load_seconds']:.2f} s; transformers maps the file, so pages nothing has touched, "
         "such as unused embedding rows, are not resident).",
         "",
         "Only Linear weights are pruned (the study's definition); the word-embedding table (11.7 M of the 22.7 M "
         "parameters) stays dense, so the whole file cannot shrink as much as the pruned weights do.",
         "",
         "| case | Linear sparsity | all params | file MB | file / original | Linear weights file / dense |"
-        " fwd dense layout ms | fwd CSR ms | tensors dense MB | tensors CSR MB | RSS dense MB | RSS CSR MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " fwd dense layout ms | fwd CSR ms | tensors dense MB | tensors CSR MB | RSS dense MB | RSS CSR MB |"
+        " RSS after a forward, dense / CSR MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in r["cases"]:
         lines.append(
@@ -226,8 +233,10 @@ def savings_markdown(r: dict) -> str:
             + (f"{c['forward_ms_dense_layout']:.1f} | {c['forward_ms_sparse_csr']:.1f} | "
                f"{mb(c['ram_dense_layout']['tensor_bytes'])} | {mb(c['ram_sparse_csr']['tensor_bytes'])} | "
                f"{mb(c['ram_dense_layout']['rss_delta_after_trim_bytes'])} | "
-               f"{mb(c['ram_sparse_csr']['rss_delta_after_trim_bytes'])} |"
-               if "forward_ms_dense_layout" in c else "n/a | " * 6)
+               f"{mb(c['ram_sparse_csr']['rss_delta_after_trim_bytes'])} | "
+               f"{mb(c['ram_dense_layout']['rss_delta_after_forward_bytes'])} / "
+               f"{mb(c['ram_sparse_csr']['rss_delta_after_forward_bytes'])} |"
+               if "forward_ms_dense_layout" in c else "n/a | " * 7)
         )
     lines += ["", "| case | load s (dense layout) | load s (CSR) | peak RSS growth dense MB | peak RSS growth CSR MB |",
               "|---|---|---|---|---|"]
@@ -242,8 +251,8 @@ def savings_markdown(r: dict) -> str:
         "so absolute times vary between runs; compare within a run). Dense layout = zeros stored as dense "
         "(no speed-up, as expected). "
         "Tensors MB: bytes the loaded model's tensors hold; RSS MB: growth of the process's resident memory "
-        "from loading, after malloc_trim (fresh process, median of 3; see savings.json for the raw and peak "
-        "figures and load times).",
+        "from loading, after malloc_trim, and again after one short forward (fresh process, median of 3; "
+        "see savings.json for the raw and peak figures and load times).",
         "The fp16 row compares with the fp32 original checkpoint (so half of its ratio is the dtype).",
         "torch sparse CSR (int32 indices) needs value + index per kept weight: it saves RAM only above 50 % "
         "sparsity for fp32, and its CPU matmul is slower than dense at these sparsities. 2:4 semi-structured "
