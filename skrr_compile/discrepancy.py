@@ -39,6 +39,9 @@ class DiscrepancyReport:
         return asdict(self)
 
 
+_DEFAULT = object()  # lets Discrepancy tell the (dense, calibration, ...) form's arguments apart
+
+
 def _as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
@@ -46,17 +49,18 @@ def _as_tuple(x):
 class Discrepancy:
     """Projected dense reference embeddings for a calibration set, and scoring of candidates against them."""
 
-    def __init__(self, calibration: Calibration, projection=None, select: Selector = last_hidden_state,
-                 *more):
+    def __init__(self, calibration: Calibration, projection=None, select: Selector = _DEFAULT, *more):
         if not isinstance(calibration, Calibration):  # Discrepancy(dense_fn, calibration, projection, select)
-            dense, calibration, projection, select = calibration, projection, select, *(more or (last_hidden_state,))
+            dense, calibration = calibration, projection
+            projection = None if select is _DEFAULT else select
+            select = more[0] if more else last_hidden_state
             self.__init__(calibration, projection, select)
             with torch.no_grad():
                 self.set_reference([dense(ids, attention_mask=m) for ids, m in calibration.chunks],
                                    dense(calibration.null[0], attention_mask=calibration.null[1]))
             return
         self.calibration = calibration
-        self.select = select
+        self.select = last_hidden_state if select is _DEFAULT else select
         self.projections = _as_tuple(projection)
         self.masks = [calibration.read_mask(m) for _, m in calibration.chunks]
         self.null_mask = calibration.read_mask(calibration.null[1])
