@@ -42,7 +42,7 @@ def _descendants(starts: list[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _needed(targets: list[fx.Node], members: set[fx.Node], redirect=None) -> set[fx.Node]:
+def needed_nodes(targets: list[fx.Node], members: set[fx.Node], redirect=None) -> set[fx.Node]:
     """Members of `members` that `targets` need (backwards through inputs, honouring a redirect)."""
     redirect = redirect or {}
     seen, todo = set(), list(targets)
@@ -88,8 +88,8 @@ def split_stages(gm: fx.GraphModule, blocks: list[SubBlock], stream_in: str) -> 
     stages, skip_stages = [], []
     for k, b in enumerate(blocks):
         target = [boundaries[k + 1]]
-        full = _needed(target, stage_members[k])
-        skip = _needed(target, stage_members[k], {by_name[b.output]: by_name[b.residual]})
+        full = needed_nodes(target, stage_members[k])
+        skip = needed_nodes(target, stage_members[k], {by_name[b.output]: by_name[b.residual]})
         stages.append(sorted(full, key=order.__getitem__))
         skip_stages.append(sorted(skip - {by_name[b.output]}, key=order.__getitem__))
         for n in full:

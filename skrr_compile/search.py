@@ -203,14 +203,11 @@ class Evaluator:
             values[c].update(kept[c])
         return BoundaryCache(config, values)
 
-    def outputs(self, config: Config, calibration: Calibration | None = None):
-        """(chunk outputs, null output) of `config`, for reports."""
+    def outputs(self, config: Config):
+        """(chunk outputs, null output) of `config` on the calibration set, for reports."""
         r = self.runner
-        if calibration is None:
-            outs = [r.forward(config, None, None, ctx=self.ctx[c]) for c in self.chunks if c >= 0]
-            return outs, r.forward(config, None, None, ctx=self.ctx[-1])
-        outs = (r.forward(config, ids, m) for ids, m in calibration.chunks)
-        return outs, r.forward(config, *calibration.null)
+        outs = [r.forward(config, None, None, ctx=self.ctx[c]) for c in self.chunks if c >= 0]
+        return outs, r.forward(config, None, None, ctx=self.ctx[-1])
 
 
 def _removed(graph: EncoderGraph, skip, memo: dict) -> int:

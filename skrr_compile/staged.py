@@ -17,7 +17,7 @@ from torch import fx
 
 from skrr_compile.passes.graph_utils import fetch_attr, strip_noops
 from skrr_compile.passes.rewrite import reuse_param_map
-from skrr_compile.passes.stages import split_stages
+from skrr_compile.passes.stages import needed_nodes, split_stages
 
 from .graph import EncoderGraph
 
@@ -106,17 +106,9 @@ class StagedRunner:
             self._update_suffix_needs()
 
     def _update_suffix_needs(self) -> None:
-        suffix_set = set(self.split.suffix)
         targets = [self.leaves[i] for i in self.needed_leaves if isinstance(self.leaves[i], fx.Node)]
-        seen, todo = set(), list(targets)
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n in suffix_set:
-                todo.extend(n.all_input_nodes)
-        self.suffix_nodes = [n for n in self.split.suffix if n in seen]
+        needed = needed_nodes(targets, set(self.split.suffix))
+        self.suffix_nodes = [n for n in self.split.suffix if n in needed]
         reads = {a for n in self.suffix_nodes for a in n.all_input_nodes} | set(targets)
         self.suffix_boundaries = sorted(
             {self.boundary_of[strip_noops(a)] for a in reads if strip_noops(a) in self.boundary_of}
