@@ -162,7 +162,7 @@ def build(args, work: Path) -> dict:
         },
     }
     if not args.skip_onnx:
-        from skrr_compile.export import export_onnx
+        from skrr_compile.deploy.onnx import export_onnx
 
         for name, m in (("dense", dense_as_pruned), ("pruned", pruned)):
             report = export_onnx(m, work / f"{name}.onnx", verify=True)

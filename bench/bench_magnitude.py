@@ -29,13 +29,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from skrr_compile.calibration import read_prompts, tokenize  # noqa: E402
-from skrr_compile.cli import main as cli_main  # noqa: E402
-from skrr_compile.compressed import save_tensors  # noqa: E402
-from skrr_compile.io import atomic_write_text  # noqa: E402
-from skrr_compile.magnitude import MagnitudeConfig, measure_sparsity, prune  # noqa: E402
-from skrr_compile.magnitude_io import SPARSE_WEIGHTS, load_pruned, save_pruned  # noqa: E402
-from skrr_compile.models import builtin_model_dir, load_encoder  # noqa: E402
+from skrr_compile.blocksearch.calibration import read_prompts, tokenize  # noqa: E402
+from skrr_compile.cli.main import main as cli_main  # noqa: E402
+from skrr_compile.core.checkpoints import builtin_model_dir, load_encoder  # noqa: E402
+from skrr_compile.core.compressed import save_tensors  # noqa: E402
+from skrr_compile.magnitude.config import MagnitudeConfig  # noqa: E402
+from skrr_compile.magnitude.layers import measure_sparsity  # noqa: E402
+from skrr_compile.magnitude.prune import prune  # noqa: E402
+from skrr_compile.magnitude.storage import SPARSE_WEIGHTS, load_pruned, save_pruned  # noqa: E402
+from skrr_compile.utils.files import atomic_write_text  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "magnitude_minilm"
 PROMPTS = "../shared/data/prompts/partiprompts.tsv"
@@ -70,8 +72,8 @@ def rss():
 import ctypes
 import transformers  # imports first (the model class too), so they are not counted as the model's memory
 from transformers import BertModel
-from skrr_compile.magnitude_io import load_pruned
-from skrr_compile.models import load_encoder
+from skrr_compile.magnitude.storage import load_pruned
+from skrr_compile.core.checkpoints import load_encoder
 kind, path = sys.argv[1], sys.argv[2]
 trim = ctypes.CDLL("libc.so.6").malloc_trim
 gc.collect(); trim(0); before = rss(); t = time.perf_counter()

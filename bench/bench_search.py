@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from search_reference import NaiveScorer, naive_reuse_phase, naive_skip_phase  # noqa: E402
 
 import skrr_compile as skrr  # noqa: E402
-from skrr_compile.calibration import read_prompts, tokenize  # noqa: E402
-from skrr_compile.models import load_tokenizer  # noqa: E402
-from skrr_compile.search import search  # noqa: E402
+from skrr_compile.blocksearch.calibration import read_prompts, tokenize  # noqa: E402
+from skrr_compile.blocksearch.run import search  # noqa: E402
+from skrr_compile.core.checkpoints import load_tokenizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "prompts"
 SOURCES = {

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 
 import skrr_compile as skrr
-from skrr_compile.discrepancy import Discrepancy, last_hidden_state
-from skrr_compile.graph import param_numel
+from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
+from skrr_compile.utils.tensors import param_numel
 
 
 class NaiveScorer:

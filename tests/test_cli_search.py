@@ -7,7 +7,7 @@ import json
 import pytest
 
 import skrr_compile as skrr
-from skrr_compile.cli import main
+from skrr_compile.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ pytest.importorskip("sentencepiece")
 from pipeline_factories import clip_encoder, t5_encoder  # noqa: E402
 
 import skrr_compile as skrr  # noqa: E402
-from skrr_compile.compile_backend import SkrrBackend, param_fqn, resolve_plan  # noqa: E402
+from skrr_compile.deploy.compile_backend import SkrrBackend, param_fqn, resolve_plan  # noqa: E402
 
 SHAPES = [(2, 7), (3, 12), (5, 4)]  # sizes >= 2: Dynamo specialises sizes 0 and 1 by design
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from skrr_compile.compressed import (
+from skrr_compile.core.compressed import (
     META_KEY,
     PART_OVERHEAD,
     CompressedFormatError,

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import skrr_compile as skrr
-from skrr_compile.graph import param_numel
+from skrr_compile.utils.tensors import param_numel
 
 SHAPES = [(2, 8), (3, 13)]  # the traced example shape, and one never seen at trace time
 

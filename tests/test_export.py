@@ -19,7 +19,8 @@ from pipeline_factories import clip_encoder, t5_encoder  # noqa: E402
 
 import skrr_compile as skrr  # noqa: E402
 from skrr_compile import cli  # noqa: E402
-from skrr_compile.export import (  # noqa: E402
+from skrr_compile.core.storage import NotAPrunedModelError  # noqa: E402
+from skrr_compile.deploy.onnx import (  # noqa: E402
     EXPORT_SHAPE,
     OnnxVerificationError,
     ProviderError,
@@ -27,7 +28,6 @@ from skrr_compile.export import (  # noqa: E402
     onnx_session,
     verify_onnx,
 )
-from skrr_compile.io import NotAPrunedModelError  # noqa: E402
 
 T5_PLAN = skrr.Plan(skip=[2, 3, 4], reuse={2: 0, 3: 1})  # 3 layers: attn 1 and FFN 1 re-use layer 0's, attn 2 skipped
 

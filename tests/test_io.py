@@ -14,8 +14,8 @@ from factories import FAMILIES, inputs
 from safetensors import safe_open
 
 import skrr_compile as skrr
-from skrr_compile.cli import main as cli_main
-from skrr_compile.graph import param_bytes
+from skrr_compile.cli.main import main as cli_main
+from skrr_compile.utils.tensors import param_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_load_refuses_what_is_not_a_pruned_model(tmp_path):
 
 
 def test_real_minilm_apply_save_load_with_tokenizer(tmp_path):
-    from skrr_compile.models import builtin_model_dir, load_encoder, load_tokenizer
+    from skrr_compile.core.checkpoints import builtin_model_dir, load_encoder, load_tokenizer
 
     model, tok = load_encoder("builtin"), load_tokenizer("builtin")
     plan = skrr.Plan(skip=[2, 4, 9], reuse={4: 6})
@@ -174,8 +174,15 @@ def test_wheel_installs_passes_and_kernels_under_the_package(tmp_path):
     )
     wheel = next(tmp_path.glob("skrr_compile-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "skrr_compile/passes/partition.py" in names
-    assert "skrr_compile/passes/rewrite.py" in names
-    assert "skrr_compile/kernels/__init__.py" in names
+    expected = {f"skrr_compile/{f.relative_to(ROOT / 'skrr_compile').as_posix()}" for f in (ROOT / "skrr_compile").rglob("*.py")}
+    expected |= {f"skrr_compile/{d}/{f.name}" for d in ("passes", "kernels") for f in (ROOT / d).glob("*.py")}
+    missing = sorted(expected - set(names))
+    assert not missing, f"modules missing from the wheel (add their package to pyproject): {missing}"
+    assert len(expected) > 40  # every subpackage: core, blocksearch, magnitude, deploy, cli, utils, passes, kernels
     assert "skrr_compile/data/prompts.txt" in names
+    assert "skrr_compile/passes/README.md" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "skrr-compile = skrr_compile.cli:main" in text
+    assert "skrr = skrr_compile.deploy.compile_backend:skrr_backend" in text
     assert not any(n.startswith(("passes/", "kernels/", "tests/", "bench/")) for n in names)

@@ -18,31 +18,18 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from skrr_compile import io as skrr_io
-from skrr_compile.calibration import Calibration, read_prompts, tokenize
-from skrr_compile.cli import main
-from skrr_compile.discrepancy import Discrepancy, last_hidden_state
-from skrr_compile.magnitude import (
-    MagnitudeConfig,
-    SemiStructuredShapeError,
-    compute_masks,
-    find_layers,
-    get_preset,
-    global_masks,
-    hybrid,
-    is_nm_sparse,
-    kth_smallest_abs,
-    magnitude_mask,
-    measure_sparsity,
-    n_pruned,
-    prune,
-    select_layers,
-    to_semi_structured,
-    to_sparse_layout,
-    token_mask,
-)
-from skrr_compile.magnitude_denoiser import NoisePredictionDiscrepancy, denoiser_inputs
-from skrr_compile.magnitude_io import (
+from skrr_compile.blocksearch.calibration import Calibration, read_prompts, tokenize
+from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
+from skrr_compile.cli.main import main
+from skrr_compile.core import storage as skrr_io
+from skrr_compile.core.plan import Plan
+from skrr_compile.magnitude.config import MagnitudeConfig, SemiStructuredShapeError, get_preset
+from skrr_compile.magnitude.denoiser import NoisePredictionDiscrepancy, denoiser_inputs
+from skrr_compile.magnitude.layers import find_layers, measure_sparsity, select_layers
+from skrr_compile.magnitude.layouts import is_nm_sparse, to_semi_structured, to_sparse_layout
+from skrr_compile.magnitude.masks import global_masks, kth_smallest_abs, magnitude_mask, n_pruned
+from skrr_compile.magnitude.prune import compute_masks, hybrid, prune
+from skrr_compile.magnitude.storage import (
     SPARSE_WEIGHTS,
     UnknownComponentError,
     load_pruned,
@@ -50,8 +37,8 @@ from skrr_compile.magnitude_io import (
     resolve_targets,
     save_pruned,
 )
-from skrr_compile.magnitude_sweep import find_knee, parse_sparsities, sweep, write_sweep_report
-from skrr_compile.plan import Plan
+from skrr_compile.magnitude.sweep import find_knee, parse_sparsities, sweep, write_sweep_report
+from skrr_compile.magnitude.wanda import token_mask
 
 warnings.filterwarnings("ignore", message=".*accelerate.*")
 
@@ -716,7 +703,7 @@ def test_sweep_cli_on_a_pipeline_text_encoder(sd_dir, tmp_path):
 # real weights: all-MiniLM-L6-v2 -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm():
-    from skrr_compile.models import builtin_model_dir, load_encoder, load_tokenizer
+    from skrr_compile.core.checkpoints import builtin_model_dir, load_encoder, load_tokenizer
 
     try:
         d = builtin_model_dir()
@@ -747,7 +734,7 @@ def test_minilm_half_sparsity_file_size_and_discrepancy(minilm, tmp_path):
     assert file_bytes / original == pytest.approx(expected, abs=0.01)
     from safetensors.torch import save_file
 
-    from skrr_compile.compressed import save_tensors
+    from skrr_compile.core.compressed import save_tensors
 
     weights = {r.name: model.get_parameter(r.name).detach() for r in linear}
     save_file(weights, str(tmp_path / "lin_dense.safetensors"))

@@ -19,20 +19,18 @@ from pipeline_factories import FACTORIES, T5_MAX_SEQUENCE, T5_PROMPT_CORPUS, gen
 
 import skrr_compile as skrr  # noqa: E402
 from skrr_compile import cli  # noqa: E402
-from skrr_compile.io import NotAPrunedModelError  # noqa: E402
-from skrr_compile.pipelines import (  # noqa: E402
+from skrr_compile.core.storage import NotAPrunedModelError  # noqa: E402
+from skrr_compile.deploy.pipelines.encoder import (
     SUPPORTED_PIPELINES,
     NoTextEncoderError,
     PrunedTextEncoder,
     UnsupportedPipelineError,
-    apply_to_pipeline,
-    describe_pipeline,
-    encoder_sizes,
-    load_into,
-    save_pipeline,
 )
+from skrr_compile.deploy.pipelines.prune import apply_to_pipeline
+from skrr_compile.deploy.pipelines.specs import describe_pipeline
+from skrr_compile.deploy.pipelines.storage import encoder_sizes, load_into, save_pipeline
 
-HAS_SEARCH = importlib.util.find_spec("skrr_compile.search") is not None
+HAS_SEARCH = importlib.util.find_spec("skrr_compile.blocksearch") is not None
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, digital art", ""]
 PLAN = skrr.Plan(skip=[1, 2], reuse={2: 0})  # layer 0's FFN skipped; layer 1's attention re-uses layer 0's
 # every encoder of PixArt, SD and SD3; one of SDXL (the one with a pooled output) and of FLUX (T5), so both
@@ -215,9 +213,9 @@ def _encode_kwargs(pipe) -> dict:
 
 
 # --- the search, scoring what the pipeline reads -------------------------------------------------
-@pytest.mark.skipif(not HAS_SEARCH, reason="skrr_compile.search (issue 3) is not in this build")
+@pytest.mark.skipif(not HAS_SEARCH, reason="skrr_compile.blocksearch (issue 3) is not in this build")
 def test_prune_pipeline_search_scores_every_consumed_output():
-    from skrr_compile.pipelines import prune_pipeline
+    from skrr_compile.deploy.pipelines.prune import prune_pipeline
 
     pipe = _pipe("sd3")
     dense = {"text_encoder": pipe.text_encoder}
@@ -257,9 +255,9 @@ def _view_with(pipe, es, texts, encoder):
     return (sel if isinstance(sel, tuple) else (sel,)), enc["attention_mask"]
 
 
-@pytest.mark.skipif(HAS_SEARCH, reason="only meaningful without skrr_compile.search")
+@pytest.mark.skipif(HAS_SEARCH, reason="only meaningful without skrr_compile.blocksearch")
 def test_prune_pipeline_without_search_says_so():  # pragma: no cover - depends on the build
-    from skrr_compile.pipelines import prune_pipeline
+    from skrr_compile.deploy.pipelines.prune import prune_pipeline
 
     with pytest.raises(ImportError, match="apply_to_pipeline"):
         prune_pipeline(_pipe("sd"), ["a cat"], sparsity=0.2)
@@ -341,7 +339,7 @@ def test_cli_inspect_and_prune_with_plans(tmp_path, capsys):
     assert "--prompts and --sparsity" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not HAS_SEARCH, reason="skrr_compile.search (issue 3) is not in this build")
+@pytest.mark.skipif(not HAS_SEARCH, reason="skrr_compile.blocksearch (issue 3) is not in this build")
 def test_cli_prune_pipeline_search(tmp_path, capsys):
     pipe = _pipe("sd")
     pipe.save_pretrained(tmp_path / "sd")

@@ -11,9 +11,10 @@ from factories import FAMILIES, inputs
 from search_reference import NaiveScorer, naive_reuse_phase, naive_skip_phase
 
 import skrr_compile as skrr
-from skrr_compile import search as search_mod
-from skrr_compile.calibration import Calibration, PromptError, read_prompts, tokenize
-from skrr_compile.search import SearchError, search
+from skrr_compile.blocksearch import evaluator as search_mod
+from skrr_compile.blocksearch.calibration import Calibration, PromptError, read_prompts, tokenize
+from skrr_compile.blocksearch.errors import SearchError
+from skrr_compile.blocksearch.run import search
 
 
 def calibration(n_chunks=3, batch=4, seq=10, seed=0):
@@ -57,7 +58,7 @@ def test_fast_search_equals_naive_with_a_projection():
 
 
 def test_fast_search_equals_naive_on_real_minilm():
-    from skrr_compile.models import load_encoder, load_tokenizer
+    from skrr_compile.core.checkpoints import load_encoder, load_tokenizer
 
     model, tok = load_encoder("builtin"), load_tokenizer("builtin")
     prompts = read_prompts("builtin")[:8]
@@ -186,7 +187,7 @@ def test_reads_the_shared_prompt_sets():
 
 
 def test_tokenize_warns_on_truncation_and_filters_by_length():
-    from skrr_compile.models import load_tokenizer
+    from skrr_compile.core.checkpoints import load_tokenizer
 
     tok = load_tokenizer("builtin")
     prompts = read_prompts("builtin")
@@ -201,8 +202,10 @@ def test_reuse_phase_picks_what_brute_force_picks():
     """Sub-block 5 (layer 2 FFN) is given layer 1's FFN weights: re-using it for a skipped sub-block 3
     reproduces the dense model exactly, so Algorithm 2 must pick right = 5 for 3; for 2 it must pick what
     a brute-force comparison of {skip, left, right} picks."""
-    from skrr_compile.search import Beam, Checkpoint, Evaluator, reuse_phase
-    from skrr_compile.staged import Config, StagedRunner
+    from skrr_compile.blocksearch.checkpoint import Checkpoint
+    from skrr_compile.blocksearch.evaluator import Beam, Evaluator
+    from skrr_compile.blocksearch.runner import Config, StagedRunner
+    from skrr_compile.blocksearch.skrr import reuse_phase
 
     model = FAMILIES["t5-gated"].make(seed=8)
     with torch.no_grad():

@@ -1,0 +1,1 @@
+"""Prompt sets shipped with the package: calibration (prompts.txt) and held-out (heldout.txt)."""

@@ -1,0 +1,42 @@
+"""ShortGPT baseline: whole layers ranked once by block influence."""
+
+from __future__ import annotations
+
+import torch
+
+from skrr_compile.blocksearch.evaluator import Evaluator
+from skrr_compile.blocksearch.target import removed_by_skip
+from skrr_compile.core.trace import EncoderGraph
+
+
+# --- baselines ----------------------------------------------------------------------------------------
+def shortgpt(graph: EncoderGraph, ev: Evaluator, target: int) -> tuple[list[int], list[dict]]:
+    """Whole layers ranked once by block influence BI = 1 - cos(h_in, h_out), padding masked."""
+    r = ev.runner
+    n_layers = len(graph.blocks) // 2
+    bi_sum, count = [0.0] * n_layers, 0
+    for c in ev.chunks:
+        if c < 0:
+            continue
+        ctx = ev.ctx[c]
+        mask = ev.disc.masks[c]
+        h = ctx["s0"]
+        states = [h]
+        for k in range(r.num_blocks):
+            h = r.stage(k, h, ctx, "keep")
+            states.append(h)
+        for layer in range(n_layers):
+            cos = torch.nn.functional.cosine_similarity(states[2 * layer].double(), states[2 * layer + 2].double(), -1)
+            bi_sum[layer] += float((1 - cos)[mask].sum())
+        count += int(mask.sum())
+    bi = [s / max(count, 1) for s in bi_sum]
+    ranking = sorted(range(n_layers), key=lambda layer: (bi[layer], layer))
+    skip: list[int] = []
+    memo: dict = {}
+    for layer in ranking:
+        if removed_by_skip(graph, skip, memo) >= target:
+            break
+        if len(skip) + 2 >= len(graph.blocks):
+            break
+        skip += [2 * layer, 2 * layer + 1]
+    return sorted(skip), [{"layer": layer, "block_influence": bi[layer]} for layer in ranking]

@@ -1,0 +1,5 @@
+"""skrr-compile command line: `main` builds the parser from one module per command group."""
+
+from skrr_compile.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,68 @@
+"""CLI: inspect (block table) and apply (plan -> pruned model directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from skrr_compile.cli.main import CLIError, print_json
+from skrr_compile.core.checkpoints import _architecture, load_encoder, load_tokenizer, resolve_model_path
+from skrr_compile.core.encoder import apply
+from skrr_compile.core.plan import Plan
+from skrr_compile.core.storage import save
+from skrr_compile.core.trace import block_table, trace
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="print the sub-block table of a HF encoder (directory or config.json)")
+    p.add_argument("model", help="HF model directory, a config.json (traced on the meta device), or 'builtin'")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("apply", help="apply a plan.json to a model and save the pruned model")
+    p.add_argument("model")
+    p.add_argument("--plan", required=True, help="plan JSON file (from `search`, or written by hand)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_apply)
+
+
+def cmd_inspect(args) -> int:
+    path = resolve_model_path(args.model)
+    if path.is_file():  # a bare config: build on the meta device, allocate nothing
+        config = transformers.AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = getattr(transformers, _architecture(config))(config)
+    else:
+        model = load_encoder(path)
+    graph = trace(model)
+    if args.json:
+        print_json(
+            {
+                "architecture": graph.architecture,
+                "total_params": graph.total_params,
+                "fingerprint": graph.fingerprint,
+                "blocks": block_table(graph.blocks),
+            }
+        )
+    else:
+        print(graph.table())
+    return 0
+
+
+def cmd_apply(args) -> int:
+    plan = Plan.load(args.plan)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"{args.out!r} is not empty; choose a new directory or pass --overwrite")
+    model = load_encoder(args.model)
+    pruned = apply(model, plan)
+    save(pruned, out, tokenizer=load_tokenizer(args.model), overwrite=args.overwrite)
+    dense, kept = pruned.info["dense_params"], pruned.num_params
+    print(
+        f"saved {out}: {kept:,} of {dense:,} params kept ({100 * (1 - kept / dense):.2f}% removed), "
+        f"skip={list(plan.skip)} reuse={plan.reuse}"
+    )
+    return 0

@@ -1,0 +1,219 @@
+"""CLI: search, prune (search + apply + save + report), eval (held-out report), compare (methods x sparsities)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from skrr_compile.blocksearch.calibration import read_prompts
+from skrr_compile.blocksearch.checkpoint import STATE_FILE
+from skrr_compile.blocksearch.errors import SearchError
+from skrr_compile.blocksearch.report import write_report
+from skrr_compile.blocksearch.run import (
+    METHODS,
+    heldout_report,
+    materialize,
+    prepare_calibration,
+    result_row,
+    search,
+)
+from skrr_compile.cli.main import CLIError
+from skrr_compile.core.checkpoints import load_encoder, load_tokenizer, resolve_model_path
+from skrr_compile.core.storage import load, read_model_meta, save
+from skrr_compile.core.trace import trace
+
+
+def _calibration_args(p, heldout: bool = True) -> None:
+    p.add_argument("--prompts", required=True, help="prompt file (.txt/.jsonl/.tsv/.csv) or 'builtin'")
+    p.add_argument("--field", help="jsonl field / tsv,csv column holding the prompt")
+    p.add_argument("--limit", type=int, help="use the first N prompts")
+    p.add_argument("--max-length", type=int, help="token limit (default: the tokenizer's)")
+    p.add_argument("--min-tokens", type=int, help="keep prompts with at least this many tokens (paper: 150)")
+    p.add_argument("--max-tokens", type=int, help="keep prompts with at most this many tokens (paper: 250)")
+    p.add_argument("--padding", default="longest", choices=["longest", "max_length"])
+    p.add_argument("--read", default="mask", choices=["mask", "all"],
+                   help="positions the consumer reads: attention-mask tokens (PixArt) or all padded ones (SD CLIP)")
+    p.add_argument("--chunk-size", type=int, default=16)
+    if heldout:
+        p.add_argument("--heldout", help="held-out prompt file for the report")
+        p.add_argument("--heldout-field")
+        p.add_argument("--heldout-limit", type=int)
+
+
+def _search_args(p) -> None:
+    p.add_argument("model", help="HF encoder directory (or 'builtin' for all-MiniLM-L6-v2)")
+    _calibration_args(p)
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of encoder parameters to remove")
+    p.add_argument("--method", default="skrr", choices=METHODS)
+    p.add_argument("--beam", type=int, default=3)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue the search state in --out")
+    p.add_argument("--cache-gb", type=float, default=4.0, help="memory for cached hidden states")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="search a plan (writes plan.json, report.json/.md, search_state.json)")
+    _search_args(p)
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("prune", help="search + apply + save the pruned model + report")
+    _search_args(p)
+    p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("eval", help="held-out discrepancy report of a pruned model directory")
+    p.add_argument("pruned", help="directory written by prune / apply")
+    p.add_argument("--model", help="the dense model (default: the source recorded at prune time)")
+    _calibration_args(p, heldout=False)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("compare", help="methods x sparsities: table and plot")
+    p.add_argument("model")
+    _calibration_args(p)
+    p.add_argument("--sparsity", required=True, help="comma-separated, e.g. 0.3,0.4,0.5")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--beam", type=int, default=3)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def _command() -> str:
+    return "skrr-compile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _calibration(args, tok, prefix: str = ""):
+    get = lambda k: getattr(args, prefix + k, None)  # noqa: E731
+    return prepare_calibration(
+        tok, get("prompts") if not prefix else args.heldout, field=get("field"), limit=get("limit"),
+        max_length=args.max_length, padding=args.padding, chunk_size=args.chunk_size,
+        min_tokens=args.min_tokens, max_tokens=args.max_tokens, read=args.read,
+    )
+
+
+def _load(model_path: str):
+    path = resolve_model_path(model_path)
+    tok = load_tokenizer(path)
+    if tok is None:
+        raise CLIError(f"{model_path!r} has no tokenizer files; the CLI needs one to tokenize prompts")
+    return path, load_encoder(path), tok
+
+
+def _run_search(args, out: Path):
+    if not 0.0 < args.sparsity < 1.0:  # cheap checks before loading anything
+        raise CLIError(f"sparsity must be in (0, 1), got {args.sparsity}")
+    read_prompts(args.prompts, field=args.field, limit=args.limit)
+    if args.heldout:
+        read_prompts(args.heldout, field=args.heldout_field, limit=args.heldout_limit)
+    path, model, tok = _load(args.model)
+    graph = trace(model)
+    cal = _calibration(args, tok)
+    result = search(model, tok, cal, sparsity=args.sparsity, method=args.method, beam=args.beam, out_dir=out,
+                    resume=args.resume, progress=not args.quiet, cache_gb=args.cache_gb, graph=graph)
+    pruned = materialize(graph, result)
+    held = heldout_report(model, pruned, _calibration(args, tok, "heldout_")) if args.heldout else None
+    row = result_row(graph, result, pruned, held)
+    return path, model, tok, graph, result, pruned, row
+
+
+def _prepare_out(args) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{args.out!r} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not args.resume and not (out / STATE_FILE).exists():
+        raise CLIError(f"{args.out!r} is not empty; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cmd_search(args) -> int:
+    out = _prepare_out(args)
+    _, _, _, _, result, _, row = _run_search(args, out)
+    result.plan.save(out / "plan.json")
+    write_report(out, [row], title=f"{args.method} search", command=_command(), extra={"search": result.report})
+    print(f"plan: skip={list(result.plan.skip)} reuse={result.plan.reuse} sparsity={row['sparsity']:.4f} "
+          f"D={row['calib_discrepancy']:.5g} -> {out / 'plan.json'}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    out = _prepare_out(args)
+    path, _, tok, _, result, pruned, row = _run_search(args, out)
+    pruned.info["source"] = str(path.resolve())
+    state = (out / STATE_FILE).read_text() if (out / STATE_FILE).exists() else None
+    tmp_report = out.with_name(f".{out.name}.report")
+    write_report(tmp_report, [row], title=f"{args.method} prune", command=_command(), extra={"search": result.report})
+    extra = {p.name: p.read_text() for p in tmp_report.iterdir() if p.suffix in (".json", ".md")}
+    extra["plan.json"] = result.plan.to_json()
+    if state:
+        extra[STATE_FILE] = state
+    save(pruned, out, tokenizer=tok, overwrite=True, extra_files=extra)
+    png = tmp_report / "discrepancy_vs_sparsity.png"
+    if png.exists():
+        png.replace(out / png.name)
+    for p in tmp_report.iterdir():
+        p.unlink()
+    tmp_report.rmdir()
+    print(f"pruned model -> {out}: {row['params']:,} params ({100 * row['sparsity']:.2f}% removed), "
+          f"skip={row['skip']} reuse={row['reuse']}, calibration D={row['calib_discrepancy']:.5g}"
+          + (f", held-out D={row['heldout_discrepancy']:.5g}" if row["heldout_discrepancy"] is not None else ""))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    meta = read_model_meta(args.pruned)
+    source = args.model or meta.get("source")
+    if not source:
+        raise CLIError(f"{args.pruned} does not record its dense model; pass --model DENSE_MODEL_DIR")
+    pruned = load(args.pruned)
+    _, dense, tok = _load(source)
+    tok = load_tokenizer(args.pruned) or tok
+    report = heldout_report(dense, pruned, _calibration(args, tok))
+    report.update({"params": pruned.num_params, "dense_params": meta.get("dense_params"),
+                   "sparsity": 1 - pruned.num_params / meta["dense_params"], "mb": pruned.num_bytes / 1e6,
+                   "skip": list(pruned.plan.skip), "reuse": pruned.plan.reuse})
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    try:
+        sparsities = [float(s) for s in args.sparsity.split(",")]
+    except ValueError as e:
+        raise CLIError(f"--sparsity takes comma-separated numbers, got {args.sparsity!r}") from e
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CLIError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "rows.jsonl"  # one line per finished (method, sparsity): a rerun continues from here
+    rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    have = {(r["method"], r["target"]) for r in rows}
+    path, model, tok = _load(args.model)
+    graph = trace(model)
+    cal = _calibration(args, tok)
+    held = _calibration(args, tok, "heldout_") if args.heldout else None
+    notes = [f"dense model: {path}", f"{cal.num_prompts} calibration prompts",
+             f"{held.num_prompts} held-out prompts" if held else "no held-out set"]
+    for s in sparsities:
+        for m in methods:
+            if (m, s) in have:
+                continue
+            try:
+                result = search(model, tok, cal, sparsity=s, method=m, beam=args.beam, progress=not args.quiet,
+                                graph=graph)
+            except SearchError as e:
+                print(f"{m:>10} @ {s:.2f}: skipped: {e}", flush=True)
+                notes.append(f"{m} at {s:.2f}: {e}")
+                continue
+            pruned = materialize(graph, result)
+            row = result_row(graph, result, pruned, heldout_report(model, pruned, held) if held else None)
+            rows.append(row)
+            with done_path.open("a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+            print(f"{m:>10} @ {s:.2f}: sparsity {row['sparsity']:.4f}, calib D {row['calib_discrepancy']:.5g}"
+                  + (f", held-out D {row['heldout_discrepancy']:.5g}" if held else ""), flush=True)
+    write_report(out, rows, title=f"compare on {Path(str(path)).name}", command=_command(), notes=notes)
+    print(f"report -> {out / 'report.md'}")
+    return 0
+

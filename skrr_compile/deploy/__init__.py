@@ -1,0 +1,1 @@
+"""Deployment of pruned encoders: ONNX export, the torch.compile backend, diffusers pipelines."""

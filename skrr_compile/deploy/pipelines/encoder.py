@@ -1,0 +1,78 @@
+"""PrunedTextEncoder, the class diffusers instantiates for a pruned pipeline component; the families."""
+
+from __future__ import annotations
+
+import torch
+
+from skrr_compile.core.encoder import PrunedEncoder
+from skrr_compile.core.storage import load as load_pruned
+from skrr_compile.core.storage import save as save_pruned
+
+SUPPORTED_PIPELINES = {
+    "PixArtAlphaPipeline": "pixart",
+    "PixArtSigmaPipeline": "pixart",
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "StableDiffusion3InpaintPipeline": "sd3",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+    "FluxInpaintPipeline": "flux",
+}
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+SUMMARY_FILE = "skrr_pipeline.json"
+
+
+class UnsupportedPipelineError(ValueError):
+    """A pipeline class skrr-compile does not know how to prune."""
+
+
+class NoTextEncoderError(ValueError):
+    """A pipeline without any text encoder to prune."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pruned encoder as a diffusers pipeline component
+# ---------------------------------------------------------------------------------------------------
+class PrunedTextEncoder(PrunedEncoder):
+    """A PrunedEncoder that diffusers can save and load as a pipeline component.
+
+    `pipe.save_pretrained` writes it in the skrr format (`skrr.save`) into the component's folder, and
+    `DiffusionPipeline.from_pretrained` loads it back once `skrr_compile` is imported.
+    """
+
+    @classmethod
+    def from_pruned(cls, pruned: PrunedEncoder) -> PrunedTextEncoder:
+        if isinstance(pruned, cls):
+            return pruned
+        new = cls(pruned.graph_module, pruned.config, pruned.plan, pruned.architecture, pruned.info)
+        new.train(pruned.training)
+        return new
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        save_pruned(self, save_directory, overwrite=True)
+
+    @classmethod
+    def from_pretrained(cls, directory, torch_dtype: torch.dtype | None = None, device=None, **kwargs):
+        return cls.from_pruned(load_pruned(directory, device=device or "cpu", dtype=torch_dtype))
+
+
+def _register_with_diffusers() -> None:
+    """Let DiffusionPipeline.save_pretrained/from_pretrained treat PrunedTextEncoder as a loadable class."""
+    from diffusers.pipelines import pipeline_loading_utils as loading
+
+    methods = ["save_pretrained", "from_pretrained"]
+    loading.LOADABLE_CLASSES.setdefault("skrr_compile", {})["PrunedTextEncoder"] = methods
+    loading.ALL_IMPORTABLE_CLASSES["PrunedTextEncoder"] = methods
+
+
+_register_with_diffusers()

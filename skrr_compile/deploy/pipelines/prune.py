@@ -1,0 +1,158 @@
+"""Prune a pipeline's text encoders in one call: search each on what its consumer reads, swap it in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from skrr_compile.core.encoder import PrunedEncoder, apply
+from skrr_compile.core.plan import Plan
+from skrr_compile.deploy.pipelines.encoder import PrunedTextEncoder
+from skrr_compile.deploy.pipelines.specs import EncoderSpec, PipelineSpec, describe_pipeline
+
+
+# ---------------------------------------------------------------------------------------------------
+# apply / prune
+# ---------------------------------------------------------------------------------------------------
+def _resolve_plan(plan) -> Plan:
+    from skrr_compile.deploy.compile_backend import resolve_plan
+
+    return resolve_plan(plan)
+
+
+def apply_to_pipeline(pipe, plans: Mapping[str, Plan | str | Path | dict]):
+    """Replace each named text encoder of `pipe` by its pruned version under the given plan; returns `pipe`.
+
+    `plans` maps component names (`text_encoder`, `text_encoder_2`, ...) to a Plan, a plan JSON file, a plan
+    dict or a pruned model directory (its plan is applied to the pipeline's own encoder).
+    """
+    spec = describe_pipeline(pipe)
+    if not plans:
+        raise ValueError(f"no plans given; this pipeline's text encoders: {', '.join(spec.encoders)}")
+    unknown = [name for name in plans if name not in spec.encoders]
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__} has no text encoder {unknown}; its text encoders: {', '.join(spec.encoders)}")
+    resolved = {name: _resolve_plan(plan) for name, plan in plans.items()}
+    pruned = {}
+    for name, plan in resolved.items():  # prune all before swapping any: a bad plan leaves the pipe as it was
+        encoder = getattr(pipe, name)
+        if isinstance(encoder, PrunedEncoder):
+            raise ValueError(f"pipe.{name} is already pruned (plan skip={list(encoder.plan.skip)}); plans apply to dense encoders")
+        pruned[name] = PrunedTextEncoder.from_pruned(apply(encoder, plan))
+    pipe.register_modules(**pruned)
+    return pipe
+
+
+class PipelinePlans(dict):
+    """component name -> Plan, with the search reports (`.reports`) and the pipeline description (`.spec`)."""
+
+    def __init__(self, plans: Mapping[str, Plan], reports: Mapping[str, dict] | None = None, spec: PipelineSpec | None = None):
+        super().__init__(plans)
+        self.reports = dict(reports or {})
+        self.spec = spec
+
+    def to_dict(self) -> dict:
+        return {
+            "spec": self.spec.to_dict() if self.spec else None,
+            "plans": {k: v.to_dict() for k, v in self.items()},
+            "reports": self.reports,
+        }
+
+
+@dataclass
+class _HiddenStatesOn:
+    """Temporarily make an HF encoder return hidden states by default (its config flag)."""
+
+    module: nn.Module
+    on: bool
+    _saved: object = field(default=None, init=False)
+
+    def __enter__(self):
+        cfg = getattr(self.module, "config", None)
+        if self.on and cfg is not None:
+            self._saved = getattr(cfg, "output_hidden_states", None)
+            cfg.output_hidden_states = True
+        return self
+
+    def __exit__(self, *exc):
+        cfg = getattr(self.module, "config", None)
+        if self.on and cfg is not None:
+            cfg.output_hidden_states = self._saved
+        return False
+
+
+def search_arguments(pipe, spec: EncoderSpec) -> dict:
+    """The keyword arguments of skrr_compile.search that make it score what the pipeline reads."""
+    return {
+        "select": spec.select(),
+        "projection": spec.projections(pipe),
+        "read": spec.read,
+        "padding": spec.padding,
+        "max_length": spec.max_length,
+    }
+
+
+def prune_pipeline(
+    pipe,
+    prompts,
+    sparsity: float | Mapping[str, float],
+    encoders: Sequence[str] | str | None = None,
+    method: str = "skrr",
+    *,
+    max_sequence_length: int | None = None,
+    apply_plans: bool = True,
+    out_dir: str | Path | None = None,
+    overrides: Mapping[str, dict] | None = None,
+    **search_kwargs,
+) -> PipelinePlans:
+    """Search a plan for each (or the named) text encoder(s) of `pipe` and swap in the pruned encoders.
+
+    The discrepancy of each encoder covers every output the pipeline reads from it, through the module that
+    consumes it (see the module docstring). `sparsity` is per encoder (a float, or a dict per component).
+    `prompts`: a list, or a .txt/.jsonl/.tsv/.csv file. Further keyword arguments go to
+    `skrr_compile.search` (e.g. beam, chunk_size); `overrides[component]` to that encoder's search only.
+    Returns component -> Plan (with `.reports`); `apply_plans=False` leaves the pipeline dense.
+    """
+    try:
+        from skrr_compile.blocksearch.run import search
+    except ImportError as e:
+        raise ImportError(
+            f"prune_pipeline needs the plan search (skrr_compile.blocksearch), which this build lacks ({e}); "
+            "apply known plans with apply_to_pipeline(pipe, {component: plan})"
+        ) from e
+    from skrr_compile.blocksearch.calibration import read_prompts
+
+    spec = describe_pipeline(pipe, max_sequence_length)
+    names = _select_encoders(spec, encoders)
+    prompts = read_prompts(prompts)
+    overrides = dict(overrides or {})
+    plans, reports = {}, {}
+    for name in names:
+        es = spec.encoders[name]
+        encoder = getattr(pipe, name)
+        if isinstance(encoder, PrunedEncoder):
+            raise ValueError(f"pipe.{name} is already pruned; load the dense pipeline to search again")
+        target = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
+        kwargs = {**search_arguments(pipe, es), **search_kwargs, **overrides.get(name, {})}
+        if out_dir is not None:
+            kwargs["out_dir"] = Path(out_dir) / name
+        with _HiddenStatesOn(encoder, es.hidden_states):
+            result = search(encoder, es.calibration_tokenizer(pipe), prompts, sparsity=target, method=method, **kwargs)
+        plans[name] = result.plan
+        reports[name] = {**dict(result.report or {}), "reads": [o.describe() for o in es.outputs]}
+    if apply_plans:
+        apply_to_pipeline(pipe, plans)
+    return PipelinePlans(plans, reports, spec)
+
+
+def _select_encoders(spec: PipelineSpec, encoders) -> list[str]:
+    if encoders is None or encoders == "all":
+        return list(spec.encoders)
+    names = [encoders] if isinstance(encoders, str) else list(encoders)
+    unknown = [n for n in names if n not in spec.encoders]
+    if unknown:
+        raise ValueError(f"{spec.pipeline} has no text encoder {unknown}; its text encoders: {', '.join(spec.encoders)}")
+    return names

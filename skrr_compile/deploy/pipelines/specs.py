@@ -1,0 +1,334 @@
+"""Per family: what each text encoder feeds the denoiser (output, layer, mask, projection).
+
+What each supported family feeds its denoiser, and so what the discrepancy of each encoder covers:
+
+  family        component        reads                                  consumer (projection)
+  PixArt-α/Σ    text_encoder     T5 last_hidden_state (masked tokens)   transformer.caption_projection
+  SD 1.x/2.x    text_encoder     CLIP last_hidden_state (all 77)        identity (UNet cross-attention)
+  SDXL          text_encoder     CLIP hidden_states[-2]                 identity
+                text_encoder_2   CLIP hidden_states[-2], text_embeds    identity, unet.add_embedding.linear_1[:, :P]
+  SD3           text_encoder     CLIP-L hidden_states[-2], text_embeds  context_embedder[:, :768], time_text_embed
+                text_encoder_2   CLIP-G hidden_states[-2], text_embeds    .text_embedder.linear_1 column blocks
+                text_encoder_3   T5 last_hidden_state (all tokens)      transformer.context_embedder
+  FLUX          text_encoder     CLIP pooler_output                     transformer.time_text_embed.text_embedder
+                text_encoder_2   T5 last_hidden_state (all tokens)      transformer.context_embedder
+
+Where a consumer reads the concatenation of several encoders' outputs (SD3's context_embedder over the
+padded CLIP-L|CLIP-G|T5 channels, pooled CLIP-L|CLIP-G), each encoder's projection is the block of the
+consumer's first linear layer that multiplies its channels: the consumer's input is linear in each block,
+so this is exactly that encoder's contribution (the bias cancels in a difference).
+Encoders the pipeline calls without an attention mask (every CLIP, T5 in SD3 and FLUX) are calibrated the
+same way: padded to the pipeline's length, all-ones mask, every position read.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from skrr_compile.deploy.pipelines.encoder import (
+    SUPPORTED_PIPELINES,
+    TEXT_ENCODERS,
+    NoTextEncoderError,
+    UnsupportedPipelineError,
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# what a pipeline reads from each encoder
+# ---------------------------------------------------------------------------------------------------
+class ColumnProjection(nn.Linear):
+    """The block of a consumer linear layer that multiplies one encoder's channels (no bias)."""
+
+    def __init__(self, weight: torch.Tensor, consumer: str, columns: tuple[int, int]):
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.consumer, self.columns = consumer, columns
+
+    def extra_repr(self) -> str:
+        return f"{self.consumer}[:, {self.columns[0]}:{self.columns[1]}]"
+
+
+@dataclass(frozen=True)
+class EncoderOutput:
+    """One output of a text encoder that the pipeline consumes."""
+
+    name: str  # "last_hidden_state" | "pooler_output" | "text_embeds" | "hidden_states[-2]"
+    consumer: str | None = None  # module path in the pipeline; None: read as is (identity)
+    columns: tuple[int, int] | None = None  # block of the consumer's input features this output fills
+    pooled: bool = False
+
+    def read(self, out) -> torch.Tensor:
+        if self.name.startswith("hidden_states["):
+            hidden = getattr(out, "hidden_states", None)
+            if hidden is None:
+                raise ValueError(
+                    f"{self.name} is read but the encoder returned no hidden states; call it with "
+                    "output_hidden_states=True"
+                )
+            return hidden[int(self.name[len("hidden_states[") : -1])]
+        value = getattr(out, self.name, None)
+        if value is None:
+            raise ValueError(f"the encoder output has no {self.name!r} (fields: {list(out.keys())})")
+        return value
+
+    def projection(self, pipe) -> nn.Module | None:
+        if self.consumer is None:
+            return None
+        module = pipe
+        for part in self.consumer.split("."):
+            module = getattr(module, part)
+        if self.columns is None:
+            return module
+        linear = module
+        if not isinstance(linear, nn.Linear):
+            raise UnsupportedPipelineError(f"{self.consumer} is a {type(linear).__name__}, expected nn.Linear")
+        a, b = self.columns
+        return ColumnProjection(linear.weight[:, a:b], self.consumer, (a, b))
+
+    def describe(self) -> str:
+        target = "identity" if self.consumer is None else self.consumer
+        if self.columns is not None:
+            target += f"[:, {self.columns[0]}:{self.columns[1]}]"
+        return f"{self.name} -> {target}"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How the pipeline calls one text encoder and what it reads from it."""
+
+    component: str
+    tokenizer: str
+    outputs: tuple[EncoderOutput, ...]
+    attention_mask: bool  # the pipeline passes the tokenizer's mask (else the encoder sees all ones)
+    read: str  # "mask": only attention-mask tokens reach the denoiser; "all": every padded position
+    padding: str  # "longest" (mask-respecting encoders) or "max_length" (the pipeline pads)
+    max_length: int
+
+    @property
+    def hidden_states(self) -> bool:
+        return any(o.name.startswith("hidden_states[") for o in self.outputs)
+
+    def select(self) -> Callable:
+        outputs = self.outputs
+
+        def select(out):
+            values = tuple(o.read(out) for o in outputs)
+            return values[0] if len(values) == 1 else values
+
+        select.outputs = [o.name for o in outputs]  # type: ignore[attr-defined]
+        return select
+
+    def projections(self, pipe):
+        projections = tuple(o.projection(pipe) for o in self.outputs)
+        return projections[0] if len(projections) == 1 else projections
+
+    def calibration_tokenizer(self, pipe):
+        tokenizer = getattr(pipe, self.tokenizer)
+        if tokenizer is None:
+            raise NoTextEncoderError(f"pipe.{self.tokenizer} (the tokenizer of {self.component}) is None")
+        return tokenizer if self.attention_mask else UnmaskedTokenizer(tokenizer)
+
+    def to_dict(self) -> dict:
+        return {
+            "component": self.component,
+            "tokenizer": self.tokenizer,
+            "outputs": [o.describe() for o in self.outputs],
+            "attention_mask": self.attention_mask,
+            "read": self.read,
+            "padding": self.padding,
+            "max_length": self.max_length,
+        }
+
+
+@dataclass
+class PipelineSpec:
+    pipeline: str
+    family: str
+    encoders: dict[str, EncoderSpec]
+
+    def to_dict(self) -> dict:
+        return {
+            "pipeline": self.pipeline,
+            "family": self.family,
+            "encoders": {k: v.to_dict() for k, v in self.encoders.items()},
+        }
+
+
+class UnmaskedTokenizer:
+    """The tokenizer as the pipeline uses it for an encoder it calls without a mask: an all-ones mask."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        enc = self._tokenizer(*args, **kwargs)
+        mask = enc.get("attention_mask") if hasattr(enc, "get") else None
+        if mask is not None:
+            if isinstance(mask, torch.Tensor):
+                enc["attention_mask"] = torch.ones_like(mask)
+            else:
+                enc["attention_mask"] = [[1] * len(row) for row in mask] if mask and isinstance(mask[0], list) else [1] * len(mask)
+        return enc
+
+    def __repr__(self) -> str:
+        return f"UnmaskedTokenizer({type(self._tokenizer).__name__})"
+
+
+def family_of(pipe) -> str:
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in SUPPORTED_PIPELINES:
+            return SUPPORTED_PIPELINES[cls.__name__]
+    raise UnsupportedPipelineError(
+        f"{type(pipe).__name__} is not a supported pipeline; supported: {', '.join(SUPPORTED_PIPELINES)} "
+        "(and their subclasses)"
+    )
+
+
+def present_encoders(pipe) -> list[str]:
+    return [n for n in TEXT_ENCODERS if isinstance(getattr(pipe, n, None), nn.Module)]
+
+
+def _call_default(pipe, name: str, fallback: int) -> int:
+    try:
+        param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    except (TypeError, ValueError):
+        param = None
+    if param is not None and isinstance(param.default, int):
+        return param.default
+    return fallback
+
+
+def _model_max_length(tokenizer, fallback: int = 77) -> int:
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if n and n < 100_000 else fallback
+
+
+def _config(module) -> object:
+    return getattr(module, "config", None)
+
+
+def describe_pipeline(pipe, max_sequence_length: int | None = None) -> PipelineSpec:
+    """Each text encoder of `pipe`, how the pipeline calls it, and the module that consumes each output.
+
+    `max_sequence_length`: the T5 length the pipeline will be called with (default: the pipeline's default).
+    """
+    present = present_encoders(pipe)
+    if not present:
+        components = sorted(k for k, v in getattr(pipe, "components", {}).items() if v is not None)
+        raise NoTextEncoderError(
+            f"{type(pipe).__name__} has no text encoder to prune (looked for {', '.join(TEXT_ENCODERS)}; "
+            f"its components: {', '.join(components) or 'none'})"
+        )
+    family = family_of(pipe)
+    builder = {"pixart": _pixart, "sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]
+    specs = builder(pipe, max_sequence_length)
+    encoders = {name: spec for name, spec in specs.items() if name in present}
+    if not encoders:
+        raise NoTextEncoderError(f"{type(pipe).__name__}: none of its text encoders is loaded")
+    return PipelineSpec(pipeline=type(pipe).__name__, family=family, encoders=encoders)
+
+
+def _pixart(pipe, max_seq):
+    n = max_seq or _call_default(pipe, "max_sequence_length", 120)
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer", (EncoderOutput("last_hidden_state", "transformer.caption_projection"),),
+            attention_mask=True, read="mask", padding="longest", max_length=n,
+        )
+    }
+
+
+def _clip_len(pipe, tokenizer_name: str) -> int:
+    return _model_max_length(getattr(pipe, tokenizer_name, None))
+
+
+def _sd(pipe, max_seq):
+    cfg = _config(pipe.text_encoder)
+    with_mask = bool(getattr(cfg, "use_attention_mask", False))
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer", (EncoderOutput("last_hidden_state"),), attention_mask=with_mask,
+            read="mask" if with_mask else "all", padding="max_length", max_length=_clip_len(pipe, "tokenizer"),
+        )
+    }
+
+
+def _sdxl(pipe, max_seq):
+    specs = {}
+    if getattr(pipe, "text_encoder", None) is not None:
+        specs["text_encoder"] = EncoderSpec(
+            "text_encoder", "tokenizer", (EncoderOutput("hidden_states[-2]"),), attention_mask=False,
+            read="all", padding="max_length", max_length=_clip_len(pipe, "tokenizer"),
+        )
+    enc2 = getattr(pipe, "text_encoder_2", None)
+    if enc2 is not None:
+        width = int(_config(enc2).projection_dim)
+        specs["text_encoder_2"] = EncoderSpec(
+            "text_encoder_2", "tokenizer_2",
+            (EncoderOutput("hidden_states[-2]"),
+             EncoderOutput("text_embeds", "unet.add_embedding.linear_1", (0, width), pooled=True)),
+            attention_mask=False, read="all", padding="max_length", max_length=_clip_len(pipe, "tokenizer_2"),
+        )
+    return specs
+
+
+def _clamped(columns: tuple[int, int], limit: int) -> tuple[int, int] | None:
+    a, b = columns[0], min(columns[1], limit)
+    return (a, b) if b > a else None
+
+
+def _sd3(pipe, max_seq):
+    joint = int(pipe.transformer.config.joint_attention_dim)
+    pooled_in = int(pipe.transformer.time_text_embed.text_embedder.linear_1.in_features)
+    n = max_seq or _call_default(pipe, "max_sequence_length", 256)
+    specs = {}
+    hidden_offset = pooled_offset = 0
+    for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        enc = getattr(pipe, name, None)
+        if enc is None:
+            continue
+        cfg = _config(enc)
+        hidden = _clamped((hidden_offset, hidden_offset + int(cfg.hidden_size)), joint)
+        pooled = _clamped((pooled_offset, pooled_offset + int(cfg.projection_dim)), pooled_in)
+        hidden_offset += int(cfg.hidden_size)
+        pooled_offset += int(cfg.projection_dim)
+        outputs = []
+        if hidden is not None:  # SD3 pads CLIP channels to T5's width, or crops them when they are wider
+            outputs.append(EncoderOutput("hidden_states[-2]", "transformer.context_embedder", hidden))
+        if pooled is not None:
+            outputs.append(EncoderOutput("text_embeds", "transformer.time_text_embed.text_embedder.linear_1", pooled, pooled=True))
+        specs[name] = EncoderSpec(
+            name, tok, tuple(outputs), attention_mask=False, read="all", padding="max_length",
+            max_length=_clip_len(pipe, tok),
+        )
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        d = int(_config(pipe.text_encoder_3).d_model)
+        specs["text_encoder_3"] = EncoderSpec(
+            "text_encoder_3", "tokenizer_3",
+            (EncoderOutput("last_hidden_state", "transformer.context_embedder", (0, min(d, joint))),),
+            attention_mask=False, read="all", padding="max_length", max_length=n,
+        )
+    return specs
+
+
+def _flux(pipe, max_seq):
+    n = max_seq or _call_default(pipe, "max_sequence_length", 512)
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer",
+            (EncoderOutput("pooler_output", "transformer.time_text_embed.text_embedder", pooled=True),),
+            attention_mask=False, read="all", padding="max_length", max_length=_clip_len(pipe, "tokenizer"),
+        ),
+        "text_encoder_2": EncoderSpec(
+            "text_encoder_2", "tokenizer_2", (EncoderOutput("last_hidden_state", "transformer.context_embedder"),),
+            attention_mask=False, read="all", padding="max_length", max_length=n,
+        ),
+    }

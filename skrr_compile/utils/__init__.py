@@ -1,0 +1,1 @@
+"""Small utilities below every other module: atomic writes, tensor accounting."""
