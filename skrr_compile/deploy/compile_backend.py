@@ -386,13 +386,21 @@ def skrr_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | N
 
 
 def register(name: str = BACKEND_NAME) -> None:
-    """Register `skrr_backend` under `name` with torch._dynamo (idempotent)."""
-    from torch._dynamo.backends.registry import register_backend
+    """Register `skrr_backend` under `name` with torch._dynamo (idempotent).
 
-    try:
-        register_backend(skrr_backend, name=name)
-    except AssertionError:  # already registered (re-import, or through the entry point)
-        pass
+    When torch has discovered the package's `torch_dynamo_backends` entry point but not loaded it yet, this
+    module is (being) imported by that entry point: torch registers the loaded function itself right after the
+    import, and registering it here too would make torch's own registration fail ("duplicate name").
+    """
+    from importlib.metadata import EntryPoint
+
+    from torch._dynamo.backends import registry
+
+    if name in registry._COMPILER_FNS:
+        return
+    if isinstance(registry._BACKENDS.get(name), EntryPoint):  # torch loads the entry point and registers it
+        return
+    registry.register_backend(skrr_backend, name=name)
 
 
 with warnings.catch_warnings():
