@@ -9,13 +9,14 @@ dispatcher (Triton on CUDA, torch elsewhere).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from skrr_compile.blocksearch.calibration import Calibration
+from skrr_compile.blocksearch.reference import ReferenceStore
 from skrr_compile.kernels import ProjectionSpec, masked_mse_sums, projected_mse_sums, select_backend
 
 Selector = Callable[[object], "torch.Tensor | tuple[torch.Tensor, ...]"]
@@ -55,7 +56,7 @@ class Discrepancy:
             select = more[0] if more else last_hidden_state
             self.__init__(calibration, projection, select)
             with torch.no_grad():
-                self.set_reference([dense(ids, attention_mask=m) for ids, m in calibration.chunks],
+                self.set_reference((dense(ids, attention_mask=m) for ids, m in calibration.chunks),
                                    dense(calibration.null[0], attention_mask=calibration.null[1]))
             return
         self.calibration = calibration
@@ -98,12 +99,16 @@ class Discrepancy:
         return mask if feat.shape[1] == mask.shape[1] else torch.ones(feat.shape[:2], dtype=torch.bool,
                                                                          device=feat.device)
 
-    def set_reference(self, chunk_outputs: Sequence, null_output) -> None:
+    def set_reference(self, chunk_outputs: Iterable, null_output, placement: str = "device", path=None) -> None:
+        """Project the dense outputs (an iterable: consumed one chunk at a time) and keep them per
+        `placement` (device, cpu, or disk: a safetensors file read back through a memory map)."""
         with torch.no_grad():
-            self.reference = [
-                tuple(self.project(i, f) for i, f in enumerate(self.features(o))) for o in chunk_outputs
-            ]
             self.null_reference = tuple(self.project(i, f) for i, f in enumerate(self.features(null_output)))
+            self.reference = ReferenceStore(placement, path)
+            for o in chunk_outputs:
+                self.reference.append(tuple(self.project(i, f) for i, f in enumerate(self.features(o))))
+                del o
+            self.reference.finish()
         self.prompt_counts = [0.0] * len(self.null_reference)
         for ref, mask in zip(self.reference, self.masks):
             for i, r in enumerate(ref):

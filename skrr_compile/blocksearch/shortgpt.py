@@ -18,7 +18,7 @@ def shortgpt(graph: EncoderGraph, ev: Evaluator, target: int) -> tuple[list[int]
     for c in ev.chunks:
         if c < 0:
             continue
-        ctx = ev.ctx[c]
+        ctx = ev.context(c)
         mask = ev.disc.masks[c]
         h = ctx["s0"]
         states = [h]

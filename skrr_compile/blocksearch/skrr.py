@@ -65,10 +65,15 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
                         "skip": sorted(best.config.skip), "order": list(best.order),
                         "score": best.score, "sparsity": removed_by_skip(graph, best.config.skip, memo) / graph.total_params})
         beams = survivors
-        caches = {
+        new_caches = {
             b.config: caches.get(b.config) or ev.cache_from(origin[b.config][0], b.config, *origin[b.config][1:])
             for b in beams if not finished(b)
         }
+        ev.release_states()
+        for config, old in caches.items():
+            if config not in new_caches:
+                old.release(ev.budget)
+        caches = new_caches
         ckpt.save(phase="skip", beams=[b.to_dict() for b in beams], history=history,
                   delta={str(k): v for k, v in delta.items()}, counter=ev.runner.counter.to_dict())
     return min(beams, key=lambda b: b.key), history
@@ -101,7 +106,10 @@ def reuse_phase(graph: EncoderGraph, ev: Evaluator, best: Beam, ckpt: Checkpoint
                       "scores": {str(k): v for k, v in scores.items()}, "chosen": best_choice})
         if best_choice is not None:
             current = Beam(current.config.with_reuse(i, best_choice), current.order, best_score)
-            cache = ev.cache_from(options.index(best_choice), current.config, i, cache)
+            new_cache = ev.cache_from(options.index(best_choice), current.config, i, cache)
+            cache.release(ev.budget)
+            cache = new_cache
+        ev.release_states()
         ckpt.save(phase="reuse", reuse_beam=current.to_dict(), reuse_steps=steps,
                   counter=ev.runner.counter.to_dict())
     return current, steps
