@@ -41,13 +41,30 @@ def is_tensor_node(node) -> bool:
     return isinstance(node, fx.Node) and tensor_val(node) is not None
 
 
+def carries_tensors(node) -> bool:
+    """A tensor, or a multi-output op's list of tensors (aten.chunk / split / unbind, read by getitem)."""
+    if not isinstance(node, fx.Node):
+        return False
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return True
+    return isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
+
+
+def _is_identity_dropout(node: fx.Node) -> bool:
+    """aten.dropout(x, p, train) in eval mode (train False) or with p == 0."""
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+    return train is False or (isinstance(p, (int, float)) and p == 0)
+
+
 def is_noop(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in NOOP_TARGETS or not node.args:
         return False
     src = node.args[0]
     if not is_tensor_node(src) or tensor_val(node) is None:
         return False
-    if node.target is aten.dropout.default and (len(node.args) < 3 or node.args[2] is not False):
+    if node.target is aten.dropout.default and not _is_identity_dropout(node):
         return False
     a, b = tensor_val(src), tensor_val(node)
     return a.dtype == b.dtype and a.shape == b.shape
@@ -61,7 +78,7 @@ def strip_noops(node: fx.Node) -> fx.Node:
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [n for n in node.all_input_nodes if is_tensor_node(n)]
+    return [n for n in node.all_input_nodes if carries_tensors(n)]
 
 
 def depends_on(node: fx.Node, ancestor: fx.Node, stop: set[fx.Node] | None = None) -> bool:

@@ -176,6 +176,7 @@ def partition(gm: fx.GraphModule, layer_paths: list[str]) -> PartitionResult:
         summary = ", ".join(f"{b.path}:{b.kind}" for b in blocks)
         raise UnsupportedModelError(
             f"expected one attention then one feed-forward sub-block per layer, found [{summary}]; "
-            "supported layers: pre-LN (T5, UMT5, CLIP, Llama, Qwen2, Gemma-2) and post-LN (BERT)"
+            "supported layers: pre-LN (T5, UMT5, CLIP, Llama, Qwen2/3, Mistral, Phi-3, Gemma-2/3), sandwich-norm "
+            "(Gemma) and post-LN (BERT, XLM-R)"
         )
     return PartitionResult(graph_module=gm, blocks=blocks, stream_in=stream_in.name)

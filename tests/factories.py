@@ -151,3 +151,38 @@ def inputs(batch, seq, seed=0, pad_last=True):
     if pad_last and batch > 1:
         mask[-1, seq // 2 + 1:] = 0  # right padding on the last prompt
     return ids, mask
+
+
+# LLM encoders of today's T2I pipelines (issue 12); checked in tests/test_llm_encoders.py --------------
+def _small(cfg_cls, **kw):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base.update(kw)
+    return cfg_cls(**base)
+
+
+def _phi3():
+    return tf.Phi3Model(_small(tf.Phi3Config, intermediate_size=36))
+
+
+def _qwen3():
+    return tf.Qwen3Model(_small(tf.Qwen3Config, head_dim=8))
+
+
+def _gemma3():
+    return tf.Gemma3TextModel(_small(tf.Gemma3TextConfig, head_dim=8, sliding_window=4))
+
+
+def _mistral():
+    return tf.MistralModel(_small(tf.MistralConfig, head_dim=8))
+
+
+_PRE_LN = (("self_attn", ("input_layernorm.", "self_attn.")), ("mlp", ("post_attention_layernorm.", "mlp.")))
+_SANDWICH = (("self_attn", ("input_layernorm.", "self_attn.", "post_attention_layernorm.")),
+             ("mlp", ("pre_feedforward_layernorm.", "mlp.", "post_feedforward_layernorm.")))
+LLM_FAMILIES = {
+    "phi3": Family("phi3", _phi3, "layers", *_PRE_LN),
+    "qwen3": Family("qwen3", _qwen3, "layers", *_PRE_LN),
+    "gemma3_text": Family("gemma3_text", _gemma3, "layers", *_SANDWICH),
+    "mistral": Family("mistral", _mistral, "layers", *_PRE_LN),
+}
