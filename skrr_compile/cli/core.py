@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from skrr_compile.cli.main import CLIError, print_json
+from skrr_compile.cli.main import check_out_dir, print_json
 from skrr_compile.core.checkpoints import _architecture, load_encoder, load_tokenizer, resolve_model_path
 from skrr_compile.core.encoder import apply
 from skrr_compile.core.plan import Plan
-from skrr_compile.core.storage import save
+from skrr_compile.core.storage import MODEL_FILE, PLAN_FILE, read_model_meta, save
 from skrr_compile.core.trace import block_table, trace
 
 
@@ -29,8 +29,34 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_apply)
 
 
+def _inspect_pruned(path: Path, as_json: bool) -> int:
+    """The block table of a pruned directory from its metadata and plan (what was removed), no weights."""
+    meta = read_model_meta(path)
+    plan = Plan.load(path / PLAN_FILE)
+    blocks = [dict(b) for b in meta.get("blocks", [])]
+    for b in blocks:
+        i = b["index"]
+        b["status"] = "skipped" if i in plan.skip else (f"re-uses {plan.reuse[i]}" if i in plan.reuse else "kept")
+    dense, kept = meta.get("dense_params"), meta.get("params")
+    if as_json:
+        print_json({"pruned": True, "architecture": meta.get("architecture"), "dense_params": dense,
+                    "params": kept, "skip": list(plan.skip), "reuse": plan.reuse, "blocks": blocks})
+        return 0
+    removed = f" ({100 * (1 - kept / dense):.2f}% removed)" if dense and kept is not None else ""
+    rows = [f"pruned {meta.get('architecture')}: {kept:,} of {dense:,} params kept{removed}, "
+            f"skip={list(plan.skip)} reuse={plan.reuse}" if dense and kept is not None
+            else f"pruned {meta.get('architecture')}: skip={list(plan.skip)} reuse={plan.reuse}"]
+    rows.append(f"{'idx':>4} {'kind':<5} {'layer':>5} {'params':>14}  {'status':<12} path")
+    for b in blocks:
+        rows.append(f"{b['index']:>4} {b['kind']:<5} {b['layer']:>5} {b['params']:>14,}  {b['status']:<12} {b['path']}")
+    print("\n".join(rows))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     path = resolve_model_path(args.model)
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        return _inspect_pruned(path, args.json)
     if path.is_file():  # a bare config: build on the meta device, allocate nothing
         config = transformers.AutoConfig.from_pretrained(path)
         with torch.device("meta"):
@@ -54,9 +80,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_apply(args) -> int:
     plan = Plan.load(args.plan)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"{args.out!r} is not empty; choose a new directory or pass --overwrite")
+    out = check_out_dir(args.out, may_exist_nonempty=args.overwrite)
     model = load_encoder(args.model)
     pruned = apply(model, plan)
     save(pruned, out, tokenizer=load_tokenizer(args.model), overwrite=args.overwrite)

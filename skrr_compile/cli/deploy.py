@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from skrr_compile.cli.main import CLIError, existing_dir, print_json
+from skrr_compile.cli.main import CLIError, check_out_dir, existing_dir, print_json
 
 
 def register(sub) -> None:
@@ -56,7 +56,8 @@ def register(sub) -> None:
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 length the pipeline will run with (default: the pipeline's default)")
     p.add_argument("--plans", default=None,
-                   help="JSON {component: plan or plan-file}: apply these plans instead of searching")
+                   help="a JSON file, or inline JSON, {component: plan or plan file}: apply these plans instead of "
+                        "searching (relative plan files are read from the JSON file's folder, or the current one)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="load the pipeline in this dtype (default: as saved)")
     p.add_argument("--device", default="cpu")
@@ -122,13 +123,15 @@ def _load_pipeline(args):
 def _read_plans(path: str) -> dict:
     from skrr_compile.core.plan import Plan, PlanError
 
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"plans file {path!r} does not exist")
+    inline = path.lstrip().startswith("{")  # --plans '{"text_encoder": {"skip": [1]}}'
+    p = Path.cwd() / "--plans" if inline else Path(path)
+    if not inline and not p.is_file():
+        raise CLIError(f"plans file {path!r} does not exist (give a JSON file, or inline JSON starting with '{{')")
     try:
-        raw = json.loads(p.read_text())
+        raw = json.loads(path if inline else p.read_text())
     except json.JSONDecodeError as e:
-        raise CLIError(f"{path} is not valid JSON: {e}") from e
+        raise CLIError(f"{'--plans' if inline else path} is not valid JSON: {e}") from e
+    path = "--plans" if inline else path
     if not isinstance(raw, dict) or not raw:
         raise CLIError(f"{path} must be a JSON object {{component: plan or plan file}}")
     plans = {}
@@ -150,9 +153,7 @@ def cmd_prune_pipeline(args) -> int:
     from skrr_compile.deploy.pipelines.prune import apply_to_pipeline, prune_pipeline
     from skrr_compile.deploy.pipelines.storage import encoder_sizes, save_pipeline
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"{args.out!r} is not empty; choose a new directory or pass --overwrite")
+    out = check_out_dir(args.out, may_exist_nonempty=args.overwrite)
     if args.plans is None and (args.prompts is None or args.sparsity is None):
         raise CLIError("give --prompts and --sparsity to search plans, or --plans to apply known ones")
     plans_arg = _read_plans(args.plans) if args.plans else None

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from skrr_compile.blocksearch.calibration import read_prompts, tokenize
-from skrr_compile.cli.main import CLIError, print_json
+from skrr_compile.cli.main import CLIError, check_out_dir, print_json
 from skrr_compile.core.checkpoints import resolve_model_path
 from skrr_compile.core.plan import Plan
 from skrr_compile.magnitude.config import CRITERIA, PRESETS, WANDA_GROUPS, MagnitudeConfig, get_preset
@@ -148,9 +148,7 @@ def _wanda_calibration(args, path: Path, name: str, model):
 
 def _check_out(args) -> None:
     """Refuse a non-empty --out before any work (the write itself is atomic and checks again)."""
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CLIError(f"{args.out!r} is not empty; choose a new directory or pass --overwrite")
+    check_out_dir(args.out, may_exist_nonempty=args.overwrite)
 
 
 def _say(msg: str) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 # Feature modules that contribute sub-commands (each defines `register(subparsers)`).
 COMMAND_MODULES = (
@@ -41,6 +45,38 @@ def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def check_out_dir(path: str | Path, *, may_exist_nonempty: bool = False) -> Path:
+    """Refuse an output directory that cannot be written, before any work is done; create nothing.
+
+    `may_exist_nonempty`: the command itself decides what a non-empty directory may hold (--overwrite, --resume).
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(path)!r} exists and is not a directory; give a directory path")
+    if out.is_dir() and not may_exist_nonempty and any(out.iterdir()):
+        raise CLIError(f"--out {str(path)!r} is not empty; choose a new directory or pass --overwrite")
+    probe = out
+    while not probe.exists():  # the nearest existing ancestor must be a writable directory
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(f"--out {str(path)!r} cannot be created: {str(probe)!r} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {str(path)!r} cannot be written: permission denied on {str(probe)!r}")
+    return out
+
+
+def _oserror_line(e: OSError) -> str:
+    """One line for an OSError: what failed, on which path."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device (or quota exceeded); free some space or write elsewhere"
+    elif e.errno == errno.EROFS:
+        what = "read-only file system; write elsewhere"
+    else:
+        what = e.strerror or str(e)
+    files = [f for f in (e.filename, e.filename2) if f]
+    return f"{what}: {' -> '.join(repr(str(f)) for f in files)}" if files else what
+
+
 def existing_dir(path: str) -> Path:
     p = Path(path)
     if not p.exists():
@@ -57,8 +93,22 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; state written so far is kept (use --resume where offered)", file=sys.stderr)
         return 130
     except (CLIError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"skrr-compile {args.command}: error: {e}", file=sys.stderr)
+        print(f"skrr-compile {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable output, disk full, a file where a directory is expected, ...
+        print(f"skrr-compile {args.command}: error: {_oserror_line(e)}", file=sys.stderr)
+        return 2
+    except SafetensorError as e:  # a weights file read somewhere that does not wrap the error
+        print(f"skrr-compile {args.command}: error: a safetensors file cannot be read ({_one_line(e)}): it is "
+              "truncated or not a safetensors file", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno is not None:  # raised by the OS: "[Errno 2] ..." reads badly
+        return _oserror_line(e)
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split()) if "\n" in text else text
 
 
 if __name__ == "__main__":

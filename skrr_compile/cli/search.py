@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from skrr_compile.blocksearch.calibration import read_prompts
-from skrr_compile.blocksearch.checkpoint import STATE_FILE
+from skrr_compile.blocksearch.checkpoint import STATE_FILE, input_key
 from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.report import write_report
 from skrr_compile.blocksearch.run import (
@@ -19,10 +19,12 @@ from skrr_compile.blocksearch.run import (
     result_row,
     search,
 )
-from skrr_compile.cli.main import CLIError
+from skrr_compile.blocksearch.target import check_sparsity
+from skrr_compile.cli.main import CLIError, check_out_dir
 from skrr_compile.core.checkpoints import load_encoder, load_tokenizer, resolve_model_path
 from skrr_compile.core.storage import load, read_model_meta, save
 from skrr_compile.core.trace import trace
+from skrr_compile.utils.files import atomic_write_text
 
 
 def _calibration_args(p, heldout: bool = True) -> None:
@@ -107,21 +109,22 @@ def _run_search(args, out: Path):
     path, model, tok = _load(args.model)
     graph = trace(model)
     cal = _calibration(args, tok)
+    held_cal = _calibration(args, tok, "heldout_") if args.heldout else None
+    check_sparsity(graph, args.sparsity)  # unreachable targets fail here, before --out exists
+    out.mkdir(parents=True, exist_ok=True)  # only now that every input has been checked
     result = search(model, tok, cal, sparsity=args.sparsity, method=args.method, beam=args.beam, out_dir=out,
                     resume=args.resume, progress=not args.quiet, cache_gb=args.cache_gb, graph=graph)
     pruned = materialize(graph, result)
-    held = heldout_report(model, pruned, _calibration(args, tok, "heldout_")) if args.heldout else None
+    held = heldout_report(model, pruned, held_cal) if args.heldout else None
     row = result_row(graph, result, pruned, held)
     return path, model, tok, graph, result, pruned, row
 
 
 def _prepare_out(args) -> Path:
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"{args.out!r} exists and is not a directory")
+    """Check --out (created only once the inputs are checked, in _run_search)."""
+    out = check_out_dir(args.out, may_exist_nonempty=True)
     if out.exists() and any(out.iterdir()) and not args.resume and not (out / STATE_FILE).exists():
         raise CLIError(f"{args.out!r} is not empty; choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -175,6 +178,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+COMPARE_STATE = "compare_state.json"
+
+
+def _compare_rows(state_path: Path, done_path: Path, key: str, out: str) -> list[dict]:
+    """The rows an earlier compare into `out` finished, if it ran on the same inputs; else refuse."""
+    if not state_path.is_file():
+        return []
+    try:
+        state = json.loads(state_path.read_text())
+    except ValueError as e:
+        raise CLIError(f"{state_path} is not readable ({e}); use a new --out") from e
+    if not isinstance(state, dict) or state.get("key") != key:
+        raise CLIError(f"--out {out!r} holds a compare of other inputs (model weights, prompts, held-out set or "
+                       "beam differ); use a new --out")
+    rows = []
+    if done_path.exists():
+        for n, line in enumerate(done_path.read_text().splitlines(), 1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise CLIError(f"{done_path} line {n} is not JSON ({e}); delete the line or use a new --out") from e
+    return rows
+
+
 def cmd_compare(args) -> int:
     try:
         sparsities = [float(s) for s in args.sparsity.split(",")]
@@ -184,15 +211,25 @@ def cmd_compare(args) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CLIError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    bad = [s for s in sparsities if not 0.0 < s < 1.0]
+    if bad:
+        raise CLIError(f"every --sparsity must be in (0, 1), got {', '.join(map(str, bad))}")
+    out = check_out_dir(args.out, may_exist_nonempty=True)
+    state_path = out / COMPARE_STATE  # ties the rows to the model weights, prompts and options they came from
     done_path = out / "rows.jsonl"  # one line per finished (method, sparsity): a rerun continues from here
-    rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
-    have = {(r["method"], r["target"]) for r in rows}
+    if out.is_dir() and any(out.iterdir()) and not state_path.is_file():
+        raise CLIError(f"--out {args.out!r} is not empty and holds no earlier compare run; choose a new directory")
     path, model, tok = _load(args.model)
     graph = trace(model)
     cal = _calibration(args, tok)
     held = _calibration(args, tok, "heldout_") if args.heldout else None
+    key = input_key(graph, cal, beam=args.beam, read=args.read,
+                    heldout=input_key(graph, held) if held is not None else None)
+    rows = _compare_rows(state_path, done_path, key, args.out)
+    have = {(r["method"], r["target"]) for r in rows}
+    out.mkdir(parents=True, exist_ok=True)
+    if not state_path.is_file():
+        atomic_write_text(state_path, json.dumps({"key": key, "model": str(path)}, indent=1))
     notes = [f"dense model: {path}", f"{cal.num_prompts} calibration prompts",
              f"{held.num_prompts} held-out prompts" if held else "no held-out set"]
     for s in sparsities:

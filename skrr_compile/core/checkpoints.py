@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from skrr_compile.core.trace import SUPPORTED
 
@@ -65,17 +66,54 @@ def _architecture(config) -> str:
     return guess
 
 
+class PrunedModelGivenError(ValueError):
+    """A pruned output directory passed where a dense HF model is expected."""
+
+
+class CorruptWeightsError(ValueError):
+    """A weights file that is truncated or not in the format its name says."""
+
+
+# marker file of a pruned output directory -> how to load it (the dense loader would re-initialise what was removed)
+PRUNED_MARKERS = {"skrr_model.json": "skrr.load", "skrr_magnitude.json": "skrr.load_pruned"}
+
+
+def refuse_pruned_dir(path: str | Path) -> None:
+    """Refuse a directory written by skrr-compile (apply/prune/magnitude) where a dense model is expected."""
+    p = Path(path)
+    if not p.is_dir():
+        return
+    for marker, loader in PRUNED_MARKERS.items():
+        if (p / marker).is_file():
+            try:
+                source = json.loads((p / marker).read_text()).get("source")
+            except (OSError, ValueError, AttributeError):
+                source = None
+            raise PrunedModelGivenError(
+                f"{str(p)!r} is a pruned model written by skrr-compile ({marker}), not a dense HF model; "
+                f"pass the dense model it was pruned from{f' ({source})' if source else ''}, "
+                f"or load the pruned one with {loader}"
+            )
+
+
 def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A HF text encoder from a checkpoint directory, or randomly initialised from a bare config.json."""
     p = resolve_model_path(path)
     config_path = p if p.is_file() else p / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(p)!r} has no config.json; pass a HF model directory or a config.json")
+    refuse_pruned_dir(p)
     config = transformers.AutoConfig.from_pretrained(config_path if p.is_file() else p)
     cls = getattr(transformers, _architecture(config))
     has_weights = p.is_dir() and any((p / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
     if has_weights:
-        model = cls.from_pretrained(p, dtype=dtype)
+        try:
+            model = cls.from_pretrained(p, dtype=dtype)
+        except SafetensorError as e:
+            raise CorruptWeightsError(
+                f"the weights in {str(p)!r} cannot be read ({e}): model.safetensors is truncated or not a "
+                "safetensors file; re-download or re-save the model"
+            ) from e
     else:
         torch.manual_seed(0)
         model = cls(config).to(dtype)

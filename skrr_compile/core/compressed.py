@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 META_KEY = "skrr_compressed"
@@ -293,10 +293,19 @@ def save_tensors(
     return stats
 
 
+def _unreadable(path, e: Exception) -> CompressedFormatError:
+    return CompressedFormatError(
+        f"{str(path)!r} cannot be read as safetensors ({e}): the file is truncated or not a safetensors file"
+    )
+
+
 def read_header(path: str | Path) -> dict | None:
     """The compressed-format header of a safetensors file, or None for a plain file."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise _unreadable(path, e) from e
     if META_KEY not in meta:
         return None
     header = json.loads(meta[META_KEY])
@@ -324,6 +333,13 @@ def load_tensors(
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     header = read_header(path)
+    try:
+        return _load_tensors(path, header, device, layout, sparse)
+    except SafetensorError as e:  # a header that reads but data cut short
+        raise _unreadable(path, e) from e
+
+
+def _load_tensors(path: Path, header: dict | None, device, layout: str, sparse) -> dict[str, torch.Tensor]:
     if header is None:
         tensors = load_file(str(path), device=str(device))
         if layout == "sparse_csr":

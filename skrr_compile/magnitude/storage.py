@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from skrr_compile.core import storage as skrr_io
+from skrr_compile.core.checkpoints import refuse_pruned_dir
 from skrr_compile.core.compressed import CompressionStats, load_tensors, read_header, save_tensors
 from skrr_compile.core.encoder import PrunedEncoder
 from skrr_compile.magnitude.config import check_sparsity
@@ -137,6 +138,9 @@ def resolve_targets(path: str | Path, targets: Mapping[str, float | None]) -> di
 def load_source_component(path: str | Path, name: str = SINGLE, dtype: torch.dtype | None = None):
     """A component as the original checkpoint has it: pipeline component `name`, or the model in `path`."""
     path = Path(path)
+    refuse_pruned_dir(path)  # a pruned output loads as a dense model with what was removed re-initialised
+    if is_pipeline_dir(path) and name in pipeline_index(path):
+        refuse_pruned_dir(path / name)
     if is_pipeline_dir(path):
         library, cls_name = pipeline_index(path)[name]
         cls = _class(library, cls_name)
