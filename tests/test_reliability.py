@@ -166,3 +166,208 @@ def test_corrupt_weights_are_a_one_line_error(dense_dir, pruned_dir, tmp_path, c
     spoil(pruned / "model.safetensors")
     assert main(["eval", str(pruned), "--model", str(dense_dir), "--prompts", "builtin", "--limit", "2"]) == 2
     _one_line_error(capsys, "eval", "model.safetensors", "truncated or not a safetensors file")
+
+
+# --- search --resume: the state belongs to the weights it was written for -------------------------------
+def _search(model, out, *extra):
+    return main(["search", str(model), "--prompts", "builtin", "--limit", "4", "--chunk-size", "2",
+                 "--sparsity", "0.004", "--method", "skrr-skip", "--beam", "1", "--out", str(out), "--quiet", *extra])
+
+
+def test_resume_refuses_a_state_written_for_other_weights(dense_dir, other_dense_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _search(dense_dir, out) == 0
+    plan = (out / "plan.json").read_text()
+    capsys.readouterr()
+    assert _search(other_dense_dir, out, "--resume") == 2
+    _one_line_error(capsys, "search", "was written for other inputs (model weights")
+    assert (out / "plan.json").read_text() == plan
+    assert _search(dense_dir, out, "--resume") == 0  # the same weights resume (the state is done)
+
+
+def test_weights_digest_sees_every_byte_and_in_place_changes():
+    import torch
+    from factories import FAMILIES
+
+    import skrr_compile as skrr
+    from skrr_compile.blocksearch.checkpoint import weights_digest
+
+    model = FAMILIES["t5-gated"].make()
+    graph = skrr.trace(model)
+    d0 = weights_digest(graph)
+    assert weights_digest(graph) == d0
+    name, p = next(iter(model.named_parameters()))
+    with torch.no_grad():
+        flat = p.view(-1)
+        old = flat[-1].item()
+        flat[-1] = old + 1e-6  # the last element of one tensor
+    assert weights_digest(graph) != d0, name
+    with torch.no_grad():
+        flat[-1] = old
+    assert weights_digest(graph) == d0
+
+
+def test_corrupt_search_state_is_a_one_line_error(dense_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "search_state.json").write_text('{"key": "abc", "phase": ')
+    assert _search(dense_dir, out, "--resume") == 2
+    _one_line_error(capsys, "search", "search_state.json is not a readable search state")
+
+
+# --- compare --out ----------------------------------------------------------------------------------------
+def _compare(model, out, sparsity="0.004", *extra):
+    return main(["compare", str(model), "--prompts", "builtin", "--limit", "4", "--chunk-size", "2",
+                 "--sparsity", sparsity, "--methods", "shortgpt", "--out", str(out), "--quiet", *extra])
+
+
+def test_compare_does_not_reuse_rows_of_another_model(dense_dir, other_dense_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _compare(dense_dir, out) == 0
+    rows = (out / "rows.jsonl").read_text()
+    capsys.readouterr()
+    assert _compare(other_dense_dir, out) == 2
+    _one_line_error(capsys, "compare", "holds a compare of other inputs")
+    assert (out / "rows.jsonl").read_text() == rows
+    assert _compare(dense_dir, out) == 0  # the same inputs continue (nothing left to do)
+    assert (out / "rows.jsonl").read_text() == rows
+
+
+def test_compare_refuses_a_directory_of_unrelated_files(dense_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert _compare(dense_dir, out) == 2
+    _one_line_error(capsys, "compare", "is not empty")
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("sparsity", ["0", "1", "-0.5", "0.3,1.5"])
+def test_compare_refuses_sparsity_out_of_range(dense_dir, tmp_path, capsys, sparsity):
+    out = tmp_path / "cmp"
+    assert _compare(dense_dir, out, sparsity) == 2
+    _one_line_error(capsys, "compare", "must be in (0, 1)")
+    assert not out.exists()
+
+
+# --- --out: existing file, unwritable, disk full; nothing created before the inputs are checked -------------
+def _commands(dense_dir, plan, out):
+    search = ["--prompts", "builtin", "--limit", "4", "--sparsity", "0.004", "--out", str(out), "--quiet"]
+    return {
+        "search": ["search", str(dense_dir), *search],
+        "prune": ["prune", str(dense_dir), *search],
+        "compare": ["compare", str(dense_dir), "--prompts", "builtin", "--limit", "4", "--sparsity", "0.004",
+                    "--methods", "shortgpt", "--out", str(out), "--quiet"],
+        "apply": ["apply", str(dense_dir), "--plan", str(plan), "--out", str(out)],
+        "magnitude": ["magnitude", str(dense_dir), "--target", "0.5", "--out", str(out)],
+    }
+
+
+COMMANDS = ("search", "prune", "compare", "apply", "magnitude")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_out_naming_an_existing_file_is_refused(dense_dir, tmp_path, capsys, command):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"skip": [1]}))
+    out = tmp_path / "taken"
+    out.write_text("a file")
+    assert main(_commands(dense_dir, plan, out)[command]) == 2
+    _one_line_error(capsys, command, "exists and is not a directory")
+    assert out.read_text() == "a file"
+    below = out / "sub"
+    assert main(_commands(dense_dir, plan, below)[command]) == 2
+    _one_line_error(capsys, command, "is a file, not a directory")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_unwritable_out_is_refused_before_any_work(dense_dir, tmp_path, capsys, monkeypatch, command):
+    import os
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"skip": [1]}))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode: False if Path(p) == locked else real_access(p, mode))  # root ignores chmod
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr("skrr_compile.core.checkpoints.load_encoder", no_work)
+    for mod in ("skrr_compile.cli.core", "skrr_compile.cli.search"):
+        monkeypatch.setattr(f"{mod}.load_encoder", no_work)
+    monkeypatch.setattr("skrr_compile.cli.magnitude.load_source_component", no_work)
+    out = locked / "out"
+    assert main(_commands(dense_dir, plan, out)[command]) == 2
+    _one_line_error(capsys, command, "cannot be written: permission denied", str(locked))
+    assert not out.exists()
+
+
+def test_disk_full_and_permission_errors_while_writing_are_one_line(dense_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"skip": [1]}))
+    for err, needle in [(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o")), "no space left"),
+                        (PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "o")), "Permission denied")]:
+        def full(*a, _e=err, **k):
+            raise _e
+
+        monkeypatch.setattr("skrr_compile.cli.core.save", full)
+        assert main(["apply", str(dense_dir), "--plan", str(plan), "--out", str(tmp_path / "o")]) == 2
+        _one_line_error(capsys, "apply", needle, str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["search", "prune"])
+@pytest.mark.parametrize("problem", ["missing_model", "missing_prompts", "bad_sparsity", "unreachable_sparsity",
+                                     "bad_heldout"])
+def test_search_and_prune_create_nothing_on_bad_input(dense_dir, tmp_path, capsys, command, problem):
+    out = tmp_path / "new" / "out"
+    model, prompts, sparsity, extra = str(dense_dir), "builtin", "0.004", []
+    if problem == "missing_model":
+        model = str(tmp_path / "nope")
+    elif problem == "missing_prompts":
+        prompts = str(tmp_path / "nope.txt")
+    elif problem == "bad_sparsity":
+        sparsity = "1.5"
+    elif problem == "unreachable_sparsity":
+        sparsity = "0.9"  # the embeddings are most of this model
+    else:
+        (tmp_path / "held.jsonl").write_text('{"prompt": "a cat"}\n{"caption": "a dog"}\n')
+        extra = ["--heldout", str(tmp_path / "held.jsonl")]
+    assert main([command, model, "--prompts", prompts, "--limit", "4", "--sparsity", sparsity,
+                 "--out", str(out), "--quiet", *extra]) == 2
+    _one_line_error(capsys, command)
+    assert not out.exists() and not out.parent.exists()
+
+
+# --- prompt files -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows, needle", [
+    ('{"prompt": "a cat"}\n\n{"text": "a dog"}\n', "p.jsonl:3 has no field 'prompt'"),
+    ('{"prompt": "a cat"}\n{"prompt": 5}\n', "p.jsonl:2: field 'prompt' is a int"),
+    ('{"prompt": "a cat"}\n{"prompt": null}\n', "p.jsonl:2 has no field 'prompt'"),
+    ('{"prompt": "a cat"}\n["a dog"]\n', "p.jsonl:2 is a JSON list"),
+    ('"a cat"\n', "p.jsonl:1 is a JSON str, not an object"),
+])
+def test_jsonl_rows_without_a_string_prompt_are_an_error_naming_the_line(tmp_path, rows, needle):
+    from skrr_compile.blocksearch.calibration import PromptError, read_prompts
+
+    (tmp_path / "p.jsonl").write_text(rows)
+    with pytest.raises(PromptError) as e:
+        read_prompts(tmp_path / "p.jsonl")
+    assert needle in str(e.value)
+
+
+def test_csv_rows_without_the_column_and_non_string_lists_are_errors(tmp_path):
+    from skrr_compile.blocksearch.calibration import PromptError, read_prompts
+
+    (tmp_path / "p.csv").write_text("prompt,id\na cat,1\n")
+    assert read_prompts(tmp_path / "p.csv") == ["a cat"]
+    (tmp_path / "q.csv").write_text("id,prompt\n1,a cat\n2\n")
+    with pytest.raises(PromptError, match=r"q.csv:3 has no field 'prompt'"):
+        read_prompts(tmp_path / "q.csv")
+    with pytest.raises(PromptError, match="prompt 1 of the list is a int"):
+        read_prompts(["a cat", 5])

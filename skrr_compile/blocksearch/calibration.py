@@ -32,7 +32,11 @@ def builtin_prompts(name: str = "builtin") -> list[str]:
 def read_prompts(source: str | Path | Sequence[str], field: str | None = None, limit: int | None = None) -> list[str]:
     """Prompts from a list, a .txt/.jsonl/.tsv/.csv file, "builtin" or "builtin-heldout"."""
     if isinstance(source, (list, tuple)):
-        prompts = [str(p) for p in source]
+        bad = next(((i, p) for i, p in enumerate(source) if not isinstance(p, str)), None)
+        if bad is not None:
+            raise PromptError(f"prompt {bad[0]} of the list is a {type(bad[1]).__name__} ({bad[1]!r:.40}), "
+                              "not a string; prompts must be text")
+        prompts = list(source)
     elif str(source) in BUILTIN_SETS:
         prompts = builtin_prompts(str(source))
     else:
@@ -58,27 +62,43 @@ def _read_file(path: Path, field: str | None) -> list[str]:
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise PromptError(f"{path}:{n} is not valid JSON: {e}") from e
         return _column(rows, field, path)
     if suffix in (".tsv", ".csv"):
-        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
-        return _column(rows, field, path)
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        return _column([(reader.line_num, r) for r in reader], field, path)
     raise PromptError(f"unsupported prompt file type {suffix!r} ({path}); accepted: {PROMPT_FORMATS}")
 
 
-def _column(rows: list[dict], field: str | None, path: Path) -> list[str]:
+def _column(rows: list[tuple[int, dict]], field: str | None, path: Path) -> list[str]:
+    """The prompt of every (line number, row); a row without the field, or with a non-string, is an error."""
     if not rows:
         raise PromptError(f"{path} has no rows")
-    keys = list(rows[0].keys()) if isinstance(rows[0], dict) else []
+    n0, first = rows[0]
+    if not isinstance(first, dict):
+        raise PromptError(f"{path}:{n0} is a JSON {type(first).__name__}, not an object; each line must be an "
+                          'object such as {"prompt": "a photo of a cat"}')
+    keys = list(first.keys())
     if field is None:
         field = next((f for f in DEFAULT_FIELDS if f in keys), None)
         if field is None:
             raise PromptError(f"{path}: name the field holding the prompt (--field); available: {keys}")
     if field not in keys:
         raise PromptError(f"{path}: field {field!r} does not exist; available: {keys}")
-    return [str(r.get(field) or "") for r in rows]
+    out = []
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise PromptError(f"{path}:{n} is a JSON {type(row).__name__}, not an object with field {field!r}")
+        if field not in row or row[field] is None:
+            raise PromptError(f"{path}:{n} has no field {field!r} (it has {list(row)}); every row needs the prompt")
+        value = row[field]
+        if not isinstance(value, str):
+            raise PromptError(f"{path}:{n}: field {field!r} is a {type(value).__name__} ({value!r:.40}), "
+                              "not a string; prompts must be text")
+        out.append(value)
+    return out
 
 
 @dataclass

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from skrr_compile.blocksearch.calibration import Calibration
 from skrr_compile.blocksearch.errors import SearchError
@@ -43,6 +47,63 @@ class Checkpoint:
         self.state.update(state)
         if self.path is not None:
             atomic_write_text(self.path, json.dumps({"key": self.key, **self.state}, indent=1))
+
+    # tensors that belong to the state (LaCo's merged weights): a safetensors file next to it --------------
+    def _tensor_path(self, name: str) -> Path:
+        return self.path.with_name(f"{self.path.stem}.{name}.safetensors")
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write `tensors` next to the state; the next `save` records their digest (call it right after)."""
+        if self.path is None:
+            return
+        path = self._tensor_path(name)
+        digest = write_tensors_atomically(path, tensors)
+        self.state.setdefault("tensors", {})[name] = {"file": path.name, "sha256": digest}
+
+    def load_tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        entry = self.state.get("tensors", {}).get(name)
+        if entry is None or self.path is None:
+            return {}
+        return read_tensors_checked(self.path.parent / entry["file"], entry["sha256"], device, what=str(self.path))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_tensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """A safetensors file written to a temporary sibling and moved into place; returns its sha256."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        digest = _sha256_file(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def read_tensors_checked(path: Path, sha256: str, device="cpu", what: str = "") -> dict[str, torch.Tensor]:
+    """Tensors from a file whose sha256 must match the one recorded when it was written."""
+    path = Path(path)
+    if not path.is_file():
+        raise SearchError(f"{path} is missing ({what} needs it); keep it next to {Path(what).name or 'its owner'}")
+    if _sha256_file(path) != sha256:
+        raise SearchError(f"{path} is not the file {what} was written with (its sha256 differs)")
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:
+        raise SearchError(f"{path} cannot be read as safetensors ({e})") from e
 
 
 def weights_digest(graph: EncoderGraph) -> str:

@@ -85,8 +85,10 @@ def search(
     key = input_key(graph, calibration, sparsity=sparsity, method=method, beam=width, read=read,
                      laco=laco_params, projection=_describe(projection))
     ckpt = Checkpoint(Path(out_dir) / STATE_FILE if out_dir else None, key, resume)
-    if ckpt.state.get("phase") == "done":
-        return SearchResult(Plan.from_dict(ckpt.state["plan"]), ckpt.state["report"])
+    if ckpt.state.get("phase") == "done":  # LaCo's merged weights are in a file next to the state
+        device = next(iter(graph.graph_module.parameters())).device
+        return SearchResult(Plan.from_dict(ckpt.state["plan"]), ckpt.state["report"],
+                            ckpt.load_tensors("laco", device))
     t0 = time.perf_counter()
     runner = StagedRunner(graph)
     ev = Evaluator(runner, calibration, projection, select, cache_bytes=int(cache_gb * (1 << 30)),
@@ -107,7 +109,7 @@ def search(
         plan = Plan(skip=skip, method=method, fingerprint=graph.fingerprint)
         report["layer_ranking"] = ranking
     else:
-        skip, overrides, log = laco(graph, ev, target, laco_params or {})
+        skip, overrides, log = laco(graph, ev, target, laco_params or {}, ckpt)
         plan = Plan(skip=skip, method=method, fingerprint=graph.fingerprint,
                     info={"laco": {**LACO_DEFAULTS, **(laco_params or {})}, "merged_params": sorted(overrides)})
         report["laco_log"] = log
@@ -133,8 +135,7 @@ def search(
     if method != "laco":
         report["discrepancy"] = report["calibration_report"]["discrepancy"]
     result = SearchResult(plan, report, overrides)
-    if not overrides:
-        ckpt.save(phase="done", plan=plan.to_dict(), report=report)
+    ckpt.save(phase="done", plan=plan.to_dict(), report=report)
     return result
 
 

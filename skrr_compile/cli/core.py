@@ -7,12 +7,14 @@ from pathlib import Path
 import torch
 import transformers
 
-from skrr_compile.cli.main import check_out_dir, print_json
+from skrr_compile.blocksearch.laco import merged_weights
+from skrr_compile.cli.main import CLIError, check_out_dir, print_json
 from skrr_compile.core.checkpoints import _architecture, load_encoder, load_tokenizer, resolve_model_path
 from skrr_compile.core.encoder import apply
 from skrr_compile.core.plan import Plan
 from skrr_compile.core.storage import MODEL_FILE, PLAN_FILE, read_model_meta, save
 from skrr_compile.core.trace import block_table, trace
+from skrr_compile.utils.tensors import bind_tensors, named_tensors
 
 
 def register(sub) -> None:
@@ -81,8 +83,16 @@ def cmd_inspect(args) -> int:
 def cmd_apply(args) -> int:
     plan = Plan.load(args.plan)
     out = check_out_dir(args.out, may_exist_nonempty=args.overwrite)
+    merged = merged_weights(plan, args.plan)  # a LaCo plan: the merged weights the search scored
     model = load_encoder(args.model)
     pruned = apply(model, plan)
+    if merged:
+        tensors = named_tensors(pruned.graph_module)
+        wrong = [n for n, t in merged.items() if n not in tensors or tuple(t.shape) != tuple(tensors[n].shape)]
+        if wrong:
+            raise CLIError(f"the merged LaCo weights of {args.plan} do not fit this model (e.g. {wrong[0]})")
+        tensors.update({n: t.to(tensors[n].dtype) for n, t in merged.items()})
+        bind_tensors(pruned.graph_module, tensors)
     save(pruned, out, tokenizer=load_tokenizer(args.model), overwrite=args.overwrite)
     dense, kept = pruned.info["dense_params"], pruned.num_params
     print(

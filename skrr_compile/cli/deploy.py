@@ -154,6 +154,9 @@ def cmd_prune_pipeline(args) -> int:
     from skrr_compile.deploy.pipelines.storage import encoder_sizes, save_pipeline
 
     out = check_out_dir(args.out, may_exist_nonempty=args.overwrite)
+    if args.plans is None and args.method == "laco":
+        raise CLIError("prune-pipeline cannot carry LaCo's merged weights into the pipeline; use skrr, skrr-skip, "
+                       "finercut or shortgpt (or `skrr-compile prune --method laco` on the encoder alone)")
     if args.plans is None and (args.prompts is None or args.sparsity is None):
         raise CLIError("give --prompts and --sparsity to search plans, or --plans to apply known ones")
     plans_arg = _read_plans(args.plans) if args.plans else None

@@ -10,6 +10,7 @@ from pathlib import Path
 from skrr_compile.blocksearch.calibration import read_prompts
 from skrr_compile.blocksearch.checkpoint import STATE_FILE, input_key
 from skrr_compile.blocksearch.errors import SearchError
+from skrr_compile.blocksearch.laco import save_plan
 from skrr_compile.blocksearch.report import write_report
 from skrr_compile.blocksearch.run import (
     METHODS,
@@ -131,7 +132,7 @@ def _prepare_out(args) -> Path:
 def cmd_search(args) -> int:
     out = _prepare_out(args)
     _, _, _, _, result, _, row = _run_search(args, out)
-    result.plan.save(out / "plan.json")
+    save_plan(result.plan, result.overrides, out / "plan.json")  # LaCo: + plan.merged.safetensors
     write_report(out, [row], title=f"{args.method} search", command=_command(), extra={"search": result.report})
     print(f"plan: skip={list(result.plan.skip)} reuse={result.plan.reuse} sparsity={row['sparsity']:.4f} "
           f"D={row['calib_discrepancy']:.5g} -> {out / 'plan.json'}")
@@ -149,7 +150,12 @@ def cmd_prune(args) -> int:
     extra["plan.json"] = result.plan.to_json()
     if state:
         extra[STATE_FILE] = state
+    state_tensors = [p.replace(tmp_report / p.name) for p in out.glob(f"{Path(STATE_FILE).stem}.*.safetensors")]
     save(pruned, out, tokenizer=tok, overwrite=True, extra_files=extra)
+    for p in state_tensors:  # the state's own tensors (LaCo's merged weights) stay with it
+        p.replace(out / p.name)
+    if result.overrides:
+        save_plan(result.plan, result.overrides, out / "plan.json")
     png = tmp_report / "discrepancy_vs_sparsity.png"
     if png.exists():
         png.replace(out / png.name)

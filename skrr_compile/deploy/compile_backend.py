@@ -50,8 +50,23 @@ class SkrrBackendError(RuntimeError):
     """The plan cannot be applied to the graph Dynamo captured."""
 
 
+class MergedWeightsPlanError(SkrrBackendError, ValueError):
+    """A plan whose result needs merged weights (LaCo), which applying the plan to the dense model cannot give."""
+
+
 def resolve_plan(plan) -> Plan:
     """A Plan from a Plan, a dict, a plan JSON file, a pruned-model directory or a PrunedEncoder."""
+    resolved = _resolve_plan(plan)
+    if resolved.info.get("merged_params"):
+        raise MergedWeightsPlanError(
+            "a LaCo plan replaces weights by merged ones, which re-wiring the dense model cannot do (it would only "
+            "skip the layers): apply it with `skrr-compile apply` (plan.merged.safetensors next to the plan), "
+            "load the result with skrr.load and torch.compile that PrunedEncoder"
+        )
+    return resolved
+
+
+def _resolve_plan(plan) -> Plan:
     if isinstance(plan, Plan):
         return plan
     if isinstance(plan, dict):
