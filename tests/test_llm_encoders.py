@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import LLM_FAMILIES
+from factories import FAMILIES, LLM_FAMILIES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_core import check_plan, plans
 
 import skrr_compile as skrr
+from skrr_compile.blocksearch.discrepancy import last_hidden_state
 
 
 # --- partition of LLM families (Phi-3's chunked gate_up projection, eval dropouts) --------------------------
@@ -46,3 +47,142 @@ def test_phi3_fixed_plans_match_hand_patched_model():
     for plan in (skrr.Plan(skip=[1]), skrr.Plan(skip=[0, 3]), skrr.Plan(skip=[2, 3], reuse={3: 5}),
                  skrr.Plan(skip=[0, 1, 2, 3, 4])):
         check_plan(fam, model, graph, plan)
+
+
+# --- what the denoiser reads: template, dropped tokens, hidden layers; the null prompt ----------------------
+WORDS = ["<pad>", "<unk>", "<sys>", "describe", "the", "image", ":", "<end>", "a", "red", "cat", "on", "mat",
+         "dog", "blue", "sky", "under", "green", "tree", "big", "small", "house"]
+TEMPLATE = "<sys> describe the image : {prompt} <end>"
+PREFIX = 5  # tokens of the template before the prompt ("<sys> describe the image :")
+PROMPTS = ["a red cat on the mat", "a blue dog", "a big green tree under the sky", "small house",
+           "a cat", "the dog on a mat under a big tree"]
+
+
+def no_bos_tokenizer():
+    """A word-level fast tokenizer that, like Llama-3/Qwen/SmolLM2 tokenizers, adds no start token: "" -> []."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+    tok.model_max_length = 64
+    return tok
+
+
+def hand_discrepancy(model, skip, tok, prompts, *, template=None, drop=0, layers=None, chunk_size=4):
+    """Eq. 1 computed from the hand-patched eager HF model: no skrr code but the hook-based reference."""
+    fam = FAMILIES["llama"]
+    ref = fam.reference(model, skip, {})
+    wrap = (lambda p: p) if template is None else (lambda p: template.replace("{prompt}", p))  # noqa: E731
+
+    def feats(m, texts):
+        enc = tok([wrap(t) for t in texts], padding="longest", return_tensors="pt")
+        with torch.no_grad():
+            out = m(enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+        h = out.last_hidden_state if layers is None else torch.cat([out.hidden_states[k] for k in layers], -1)
+        read = enc["attention_mask"].bool().clone()
+        for row in range(read.shape[0]):  # right padding: the first `drop` real tokens are the first columns
+            read[row, :drop] = False
+        return h.double(), read
+
+    def mse(texts_chunks):
+        sq, n = 0.0, 0
+        for texts in texts_chunks:
+            (a, read), (b, _) = feats(model, texts), feats(ref, texts)
+            sq += float(((a - b) ** 2)[read].sum())
+            n += int(read.sum()) * a.shape[-1]
+        return sq / n
+
+    chunks = [prompts[i:i + chunk_size] for i in range(0, len(prompts), chunk_size)]
+    return mse(chunks) + mse([[""]])
+
+
+@pytest.fixture(scope="module")
+def llama():
+
+    return FAMILIES["llama"].make(seed=5)
+
+
+def test_null_prompt_with_no_tokens_is_a_clear_error(llama):
+    from skrr_compile.blocksearch.calibration import PromptError, tokenize
+
+    tok = no_bos_tokenizer()
+    assert tok("")["input_ids"] == []
+    with pytest.raises(PromptError, match=r'null prompt "" tokenizes to 0 tokens without a template.*no start'):
+        tokenize(tok, PROMPTS)
+    with pytest.raises(PromptError, match='null prompt'):  # never the encoder's reshape error
+        skrr.search(llama, tok, PROMPTS, sparsity=0.1, method="shortgpt", progress=False)
+    with pytest.raises(PromptError, match=r"null prompt \"\" has 6 tokens through the template.*--drop-tokens 6"):
+        tokenize(tok, PROMPTS, template=TEMPLATE, drop_tokens=6)
+    with pytest.raises(PromptError, match=r"null prompt \"\" tokenizes to 0 tokens through the template '\{prompt\}'"):
+        tokenize(tok, PROMPTS, template="{prompt}")
+    from skrr_compile.blocksearch.calibration import _check_tokens
+
+    with pytest.raises(PromptError, match=r"prompt ' ' tokenizes to 0 tokens without a template"):
+        _check_tokens(["a cat", " "], torch.tensor([[1, 1], [0, 0]]), None, 0)
+    with pytest.raises(PromptError, match="must contain"):
+        tokenize(tok, PROMPTS, template="no placeholder")
+
+
+def test_template_and_dropped_tokens_score_what_the_denoiser_reads(llama):
+    """D of a plan under template + drop + penultimate layer equals Eq. 1 on the hand-patched HF model."""
+    from skrr_compile.blocksearch.calibration import tokenize
+    from skrr_compile.blocksearch.run import heldout_report
+    from skrr_compile.blocksearch.selectors import HiddenLayers
+
+    tok = no_bos_tokenizer()
+    cal = tokenize(tok, PROMPTS, template=TEMPLATE, drop_tokens=PREFIX, chunk_size=4)
+    null_ids = cal.null[0][0].tolist()
+    assert null_ids == tok(TEMPLATE.replace("{prompt}", ""))["input_ids"] == [2, 3, 4, 5, 6, 7]
+    read = cal.read_mask(cal.chunks[0][1])
+    assert read[:, :PREFIX].sum() == 0 and read.sum() == cal.chunks[0][1].sum() - PREFIX * 4
+    left = cal.read_mask(torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]]))  # left padding: the first real tokens
+    assert left.tolist() == [[False] * 7 + [True]]
+    graph = skrr.trace(llama)
+    for skip, layers in (([1], [-2]), ([0, 3], [-2]), ([2], [1, 2]), ([4], None)):
+        pruned = skrr.apply(graph, skrr.Plan(skip=skip))
+        select = HiddenLayers(layers) if layers else last_hidden_state
+        got = heldout_report(llama, pruned, cal, select=select)["discrepancy"]
+        want = hand_discrepancy(llama, skip, tok, PROMPTS, template=TEMPLATE, drop=PREFIX, layers=layers)
+        assert want > 1e-6
+        assert got == pytest.approx(want, rel=1e-5), (skip, layers)
+
+
+def test_hidden_layer_selector_matches_hf_hidden_states(llama):
+    from skrr_compile.blocksearch.selectors import HiddenLayers, output_selector, parse_layers
+
+    ids = torch.tensor([[8, 9, 10, 11, 4, 12]])
+    with torch.no_grad():
+        out = llama(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == 4
+    torch.testing.assert_close(HiddenLayers(-2)(out), out.hidden_states[2])
+    torch.testing.assert_close(HiddenLayers("1,3")(out), torch.cat([out.hidden_states[1], out.hidden_states[3]], -1))
+    assert HiddenLayers("1,3")(out).shape == (1, 6, 64)
+    assert parse_layers("10, 20,30") == (10, 20, 30) and parse_layers(-2) == (-2,)
+    assert output_selector(None) is last_hidden_state
+    with pytest.raises(ValueError, match="out of range"):
+        HiddenLayers(7)(out)
+    with pytest.raises(ValueError, match="no hidden_states"):
+        HiddenLayers(-2)(llama(ids))
+    with pytest.raises(ValueError, match="comma list"):
+        parse_layers("last")
+
+
+def test_search_with_template_drop_and_layer_reports_the_hand_computed_discrepancy(llama):
+    tok = no_bos_tokenizer()
+    result = skrr.search(llama, tok, PROMPTS, sparsity=0.12, method="skrr-skip", beam=2, chunk_size=4,
+                         template=TEMPLATE, drop_tokens=PREFIX, hidden_layer=-2, progress=False)
+    rep = result.report
+    assert rep["calibration"]["template"] == TEMPLATE and rep["calibration"]["drop_tokens"] == PREFIX
+    assert rep["calibration"]["select"] == "hidden_states[-2]"
+    want = hand_discrepancy(llama, list(result.plan.skip), tok, PROMPTS, template=TEMPLATE, drop=PREFIX,
+                            layers=[-2])
+    assert rep["discrepancy"] == pytest.approx(want, rel=1e-5)
+    # the best one-block skip at depth 1 is the argmin of the hand-computed D over every single skip
+    first = rep["depth_history"][0]
+    singles = {i: hand_discrepancy(llama, [i], tok, PROMPTS, template=TEMPLATE, drop=PREFIX, layers=[-2])
+               for i in range(6)}
+    assert first["score"] == pytest.approx(min(singles.values()), rel=1e-5)
+    with pytest.raises(skrr.SearchError, match="either select or hidden_layer"):
+        skrr.search(llama, tok, PROMPTS, sparsity=0.1, hidden_layer=-2, select=lambda o: o[0], template=TEMPLATE)

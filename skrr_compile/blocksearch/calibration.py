@@ -6,7 +6,7 @@ import csv
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -117,9 +117,15 @@ class Calibration:
     dropped: int = 0
     max_length: int | None = None
     info: dict = field(default_factory=dict)
+    template: str | None = None  # "...{prompt}..." every prompt (and the null prompt) went through
+    drop_tokens: int = 0  # the first N tokens of each embedding are not scored (Qwen-Image's system prefix)
 
     def read_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        return mask.bool() if self.read == "mask" else torch.ones_like(mask, dtype=torch.bool)
+        read = mask.bool() if self.read == "mask" else torch.ones_like(mask, dtype=torch.bool)
+        if self.drop_tokens:  # the first N attention-mask tokens of each row, wherever the padding side puts them
+            real = mask.bool()
+            read = read & ~(real & (real.long().cumsum(-1) <= self.drop_tokens))
+        return read
 
     @property
     def num_prompts(self) -> int:
@@ -127,10 +133,7 @@ class Calibration:
 
     def to(self, device) -> Calibration:
         move = lambda pair: (pair[0].to(device), pair[1].to(device))  # noqa: E731
-        return Calibration(
-            self.prompts, [move(c) for c in self.chunks], move(self.null), self.read, self.truncated,
-            self.dropped, self.max_length, self.info,
-        )
+        return replace(self, chunks=[move(c) for c in self.chunks], null=move(self.null))
 
 
 def tokenize(
@@ -143,21 +146,33 @@ def tokenize(
     min_tokens: int | None = None,
     max_tokens: int | None = None,
     read: str = "mask",
+    template: str | None = None,
+    drop_tokens: int = 0,
 ) -> Calibration:
     """Tokenize `prompts` (padding + attention mask) in chunks; warn about truncation, never hide it.
 
     `min_tokens`/`max_tokens` keep only prompts whose untruncated length lies in that range (the Skrr paper
     calibrates on 150-250-token captions). `padding="max_length"` pads every chunk to `max_length`, as
     pipelines that read padded positions do.
+
+    `template` ("...{prompt}...") wraps every prompt, the null prompt "" included, as LLM-encoder pipelines do
+    (chat templates, Sana's instruction); `drop_tokens` leaves the first N tokens of each embedding out of the
+    discrepancy (Qwen-Image drops its system prefix). Token ranges and truncation count the templated text.
+    A prompt left with no token to score (a tokenizer without BOS gives "" zero tokens) is a PromptError.
     """
     if read not in ("mask", "all"):
         raise ValueError(f"read must be 'mask' or 'all', got {read!r}")
+    if template is not None and "{prompt}" not in template:
+        raise PromptError(f"the template must contain '{{prompt}}' where the prompt goes, got {template!r}")
+    if drop_tokens < 0:
+        raise PromptError(f"drop_tokens must be >= 0, got {drop_tokens}")
+    wrap = (lambda p: p) if template is None else (lambda p: template.replace("{prompt}", p))  # noqa: E731
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if max_length is None:
         limit = getattr(tokenizer, "model_max_length", None)
         max_length = limit if limit and limit < 100_000 else 512
-    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer([wrap(p) for p in prompts], truncation=False)["input_ids"]]
     keep = [
         p for p, n in zip(prompts, lengths)
         if (min_tokens is None or n >= min_tokens) and (max_tokens is None or n <= max_tokens)
@@ -177,12 +192,33 @@ def tokenize(
 
     def encode(batch):
         enc = tokenizer(
-            list(batch), padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
+            [wrap(p) for p in batch], padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
         )
+        _check_tokens(batch, enc["attention_mask"], template, drop_tokens)
         return enc["input_ids"], enc["attention_mask"]
 
+    null = encode([""])
     chunks = [encode(keep[i : i + chunk_size]) for i in range(0, len(keep), chunk_size)]
     return Calibration(
-        prompts=list(keep), chunks=chunks, null=encode([""]), read=read, truncated=truncated,
-        dropped=dropped, max_length=max_length,
+        prompts=list(keep), chunks=chunks, null=null, read=read, truncated=truncated,
+        dropped=dropped, max_length=max_length, template=template, drop_tokens=drop_tokens,
     )
+
+
+def _check_tokens(batch, mask: torch.Tensor, template: str | None, drop_tokens: int) -> None:
+    """Every prompt must keep at least one token to score: never a reshape error deep inside the encoder."""
+    for prompt, n in zip(batch, mask.sum(-1).tolist()):
+        if n > drop_tokens:
+            continue
+        name = "the null prompt \"\"" if prompt == "" else f"prompt {prompt[:80]!r}"
+        how = f"through the template {template!r}" if template is not None else "without a template"
+        if n == 0:
+            raise PromptError(
+                f"{name} tokenizes to 0 tokens {how}: this tokenizer adds no start (BOS) token, so the encoder "
+                "would get an empty sequence; pass the pipeline's prompt template (--template '...{prompt}...') "
+                "so every prompt has tokens"
+            )
+        raise PromptError(
+            f"{name} has {n} tokens {how}, and --drop-tokens {drop_tokens} drops all of them from the "
+            "embedding; nothing is left to score (lower --drop-tokens or use a longer template)"
+        )

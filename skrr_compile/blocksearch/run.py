@@ -16,6 +16,7 @@ from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.evaluator import Evaluator
 from skrr_compile.blocksearch.laco import LACO_DEFAULTS, laco
 from skrr_compile.blocksearch.runner import Config, StagedRunner
+from skrr_compile.blocksearch.selectors import output_selector, with_hidden_states
 from skrr_compile.blocksearch.shortgpt import shortgpt
 from skrr_compile.blocksearch.skrr import beam_skip, reuse_phase
 from skrr_compile.blocksearch.target import check_sparsity
@@ -36,14 +37,18 @@ class SearchResult:
 
 # --- entry point ----------------------------------------------------------------------------------------
 def prepare_calibration(tokenizer, prompts, *, max_length=None, padding="longest", chunk_size=16,
-                        min_tokens=None, max_tokens=None, read="mask", field=None, limit=None) -> Calibration:
+                        min_tokens=None, max_tokens=None, read="mask", field=None, limit=None,
+                        template=None, drop_tokens=0) -> Calibration:
     if isinstance(prompts, Calibration):
+        if (template, drop_tokens) not in ((None, 0), (prompts.template, prompts.drop_tokens)):
+            raise SearchError("template/drop_tokens differ from the given Calibration's; pass them to tokenize")
         return prompts
     if tokenizer is None:
         raise SearchError("a tokenizer is needed to tokenize the prompts (or pass a Calibration)")
     texts = read_prompts(prompts, field=field, limit=limit)
     return tokenize(tokenizer, texts, max_length=max_length, padding=padding, chunk_size=chunk_size,
-                    min_tokens=min_tokens, max_tokens=max_tokens, read=read)
+                    min_tokens=min_tokens, max_tokens=max_tokens, read=read,
+                    template=template, drop_tokens=drop_tokens)
 
 
 def search(
@@ -69,21 +74,37 @@ def search(
     laco_params: dict | None = None,
     seed: int = 0,
     graph: EncoderGraph | None = None,
+    template: str | None = None,
+    drop_tokens: int = 0,
+    hidden_layer: int | str | Sequence[int] | None = None,
 ) -> SearchResult:
-    """Find a plan that removes at least `sparsity` of the encoder's parameters (paper accounting)."""
+    """Find a plan that removes at least `sparsity` of the encoder's parameters (paper accounting).
+
+    What the denoiser reads (LLM encoders): `template` ("...{prompt}...", the null prompt too), `drop_tokens`
+    (the first N tokens of the embedding left out), `hidden_layer` (-2, or a list of layers concatenated
+    along the channels, instead of the last hidden state; see blocksearch/selectors.py)."""
     if method not in METHODS:
         raise SearchError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if beam < 1:
         raise SearchError(f"beam must be >= 1, got {beam}")
+    if hidden_layer is not None:
+        if select is not last_hidden_state:
+            raise SearchError("pass either select or hidden_layer, not both")
+        try:
+            select = output_selector(hidden_layer)
+        except ValueError as e:
+            raise SearchError(str(e)) from e
     torch.manual_seed(seed)
     graph = graph or trace(model)
     target = check_sparsity(graph, sparsity)
     calibration = prepare_calibration(tokenizer, prompts, max_length=max_length, padding=padding,
-                                      chunk_size=chunk_size, min_tokens=min_tokens, max_tokens=max_tokens, read=read)
+                                      chunk_size=chunk_size, min_tokens=min_tokens, max_tokens=max_tokens, read=read,
+                                      template=template, drop_tokens=drop_tokens)
     calibration = calibration.to(graph.graph_module.parameters().__next__().device)
     width = "finercut" if method == "finercut" else beam
     key = input_key(graph, calibration, sparsity=sparsity, method=method, beam=width, read=read,
-                     laco=laco_params, projection=_describe(projection))
+                     laco=laco_params, projection=_describe(projection),
+                     **_selection_key(select, calibration.drop_tokens))
     ckpt = Checkpoint(Path(out_dir) / STATE_FILE if out_dir else None, key, resume)
     if ckpt.state.get("phase") == "done":  # LaCo's merged weights are in a file next to the state
         device = next(iter(graph.graph_module.parameters())).device
@@ -127,7 +148,9 @@ def search(
         "cache": {"stride": ev.stride, "boundary_bytes": ev.per_boundary_bytes,
                   "note": f"every {ev.stride}. boundary of each beam kept ({ev.per_boundary_bytes / 2**20:.1f} MiB each)"},
         "calibration": {"prompts": calibration.num_prompts, "truncated": calibration.truncated,
-                        "dropped": calibration.dropped, "read": calibration.read},
+                        "dropped": calibration.dropped, "read": calibration.read,
+                        "template": calibration.template, "drop_tokens": calibration.drop_tokens,
+                        "select": getattr(select, "__name__", None) or repr(select)},
     })
     with runner.overridden(overrides):
         outs, null = ev.outputs(Config(frozenset(plan.skip), tuple(sorted(plan.reuse.items()))))
@@ -137,6 +160,12 @@ def search(
     result = SearchResult(plan, report, overrides)
     ckpt.save(phase="done", plan=plan.to_dict(), report=report)
     return result
+
+
+def _selection_key(select, drop_tokens: int) -> dict:
+    """What the discrepancy reads, for the state key (empty by default: older states stay resumable)."""
+    key = {} if select is last_hidden_state else {"select": repr(select)}
+    return {**key, "drop_tokens": drop_tokens} if drop_tokens else key
 
 
 def _describe(projection) -> str:
@@ -169,6 +198,7 @@ def materialize(graph: EncoderGraph, result: SearchResult):
 
 def heldout_report(dense, pruned, calibration: Calibration, projection=None, select=last_hidden_state) -> dict:
     """Discrepancy of `pruned` against the dense HF model on a held-out calibration set."""
+    dense, pruned = with_hidden_states(dense, select), with_hidden_states(pruned, select)
     return Discrepancy(dense, calibration, projection, select).evaluate(pruned).to_dict()
 
 

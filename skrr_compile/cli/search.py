@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -20,6 +21,7 @@ from skrr_compile.blocksearch.run import (
     result_row,
     search,
 )
+from skrr_compile.blocksearch.selectors import output_selector, parse_layers
 from skrr_compile.blocksearch.target import check_sparsity
 from skrr_compile.cli.main import CLIError, check_out_dir
 from skrr_compile.core.checkpoints import load_encoder, load_tokenizer, resolve_model_path
@@ -39,6 +41,10 @@ def _calibration_args(p, heldout: bool = True) -> None:
     p.add_argument("--read", default="mask", choices=["mask", "all"],
                    help="positions the consumer reads: attention-mask tokens (PixArt) or all padded ones (SD CLIP)")
     p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--template", help="prompt template of the pipeline, '...{prompt}...' (the null prompt too)")
+    p.add_argument("--drop-tokens", type=int, default=0, help="leave the first N embedding tokens out (Qwen-Image: 34)")
+    p.add_argument("--hidden-layer", type=_hidden_layer, help="hidden state the denoiser reads: -2, or 10,20,30 (concatenated)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's own, or the GGUF file's)")
     if heldout:
         p.add_argument("--heldout", help="held-out prompt file for the report")
         p.add_argument("--heldout-field")
@@ -80,6 +86,14 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _hidden_layer(spec: str) -> str:
+    try:
+        parse_layers(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return spec
+
+
 def _command() -> str:
     return "skrr-compile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -90,12 +104,13 @@ def _calibration(args, tok, prefix: str = ""):
         tok, get("prompts") if not prefix else args.heldout, field=get("field"), limit=get("limit"),
         max_length=args.max_length, padding=args.padding, chunk_size=args.chunk_size,
         min_tokens=args.min_tokens, max_tokens=args.max_tokens, read=args.read,
+        template=args.template, drop_tokens=args.drop_tokens,
     )
 
 
-def _load(model_path: str):
+def _load(model_path: str, tokenizer_dir: str | None = None):
     path = resolve_model_path(model_path)
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(tokenizer_dir or path)
     if tok is None:
         raise CLIError(f"{model_path!r} has no tokenizer files; the CLI needs one to tokenize prompts")
     return path, load_encoder(path), tok
@@ -107,16 +122,17 @@ def _run_search(args, out: Path):
     read_prompts(args.prompts, field=args.field, limit=args.limit)
     if args.heldout:
         read_prompts(args.heldout, field=args.heldout_field, limit=args.heldout_limit)
-    path, model, tok = _load(args.model)
+    path, model, tok = _load(args.model, args.tokenizer)
     graph = trace(model)
     cal = _calibration(args, tok)
     held_cal = _calibration(args, tok, "heldout_") if args.heldout else None
     check_sparsity(graph, args.sparsity)  # unreachable targets fail here, before --out exists
     out.mkdir(parents=True, exist_ok=True)  # only now that every input has been checked
     result = search(model, tok, cal, sparsity=args.sparsity, method=args.method, beam=args.beam, out_dir=out,
-                    resume=args.resume, progress=not args.quiet, cache_gb=args.cache_gb, graph=graph)
+                    resume=args.resume, progress=not args.quiet, cache_gb=args.cache_gb, graph=graph,
+                    hidden_layer=args.hidden_layer)
     pruned = materialize(graph, result)
-    held = heldout_report(model, pruned, held_cal) if args.heldout else None
+    held = heldout_report(model, pruned, held_cal, select=output_selector(args.hidden_layer)) if args.heldout else None
     row = result_row(graph, result, pruned, held)
     return path, model, tok, graph, result, pruned, row
 
@@ -174,9 +190,9 @@ def cmd_eval(args) -> int:
     if not source:
         raise CLIError(f"{args.pruned} does not record its dense model; pass --model DENSE_MODEL_DIR")
     pruned = load(args.pruned)
-    _, dense, tok = _load(source)
+    _, dense, tok = _load(source, args.tokenizer)
     tok = load_tokenizer(args.pruned) or tok
-    report = heldout_report(dense, pruned, _calibration(args, tok))
+    report = heldout_report(dense, pruned, _calibration(args, tok), select=output_selector(args.hidden_layer))
     report.update({"params": pruned.num_params, "dense_params": meta.get("dense_params"),
                    "sparsity": 1 - pruned.num_params / meta["dense_params"], "mb": pruned.num_bytes / 1e6,
                    "skip": list(pruned.plan.skip), "reuse": pruned.plan.reuse})
@@ -225,7 +241,7 @@ def cmd_compare(args) -> int:
     done_path = out / "rows.jsonl"  # one line per finished (method, sparsity): a rerun continues from here
     if out.is_dir() and any(out.iterdir()) and not state_path.is_file():
         raise CLIError(f"--out {args.out!r} is not empty and holds no earlier compare run; choose a new directory")
-    path, model, tok = _load(args.model)
+    path, model, tok = _load(args.model, args.tokenizer)
     graph = trace(model)
     cal = _calibration(args, tok)
     held = _calibration(args, tok, "heldout_") if args.heldout else None
@@ -244,13 +260,13 @@ def cmd_compare(args) -> int:
                 continue
             try:
                 result = search(model, tok, cal, sparsity=s, method=m, beam=args.beam, progress=not args.quiet,
-                                graph=graph)
+                                graph=graph, hidden_layer=args.hidden_layer)
             except SearchError as e:
                 print(f"{m:>10} @ {s:.2f}: skipped: {e}", flush=True)
                 notes.append(f"{m} at {s:.2f}: {e}")
                 continue
             pruned = materialize(graph, result)
-            row = result_row(graph, result, pruned, heldout_report(model, pruned, held) if held else None)
+            row = result_row(graph, result, pruned, heldout_report(model, pruned, held, select=output_selector(args.hidden_layer)) if held else None)
             rows.append(row)
             with done_path.open("a") as f:
                 f.write(json.dumps(row, default=str) + "\n")
