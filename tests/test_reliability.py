@@ -371,3 +371,92 @@ def test_csv_rows_without_the_column_and_non_string_lists_are_errors(tmp_path):
         read_prompts(tmp_path / "q.csv")
     with pytest.raises(PromptError, match="prompt 1 of the list is a int"):
         read_prompts(["a cat", 5])
+
+
+# --- LaCo: the plan carries the merged weights; the search state is resumable --------------------------------
+@pytest.fixture(scope="module")
+def laco_search(dense_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("laco") / "s"
+    rc = main(["search", str(dense_dir), "--prompts", "builtin", "--limit", "4", "--chunk-size", "2",
+               "--sparsity", "0.004", "--method", "laco", "--out", str(out), "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_laco_plan_carries_its_merged_weights_and_apply_uses_them(dense_dir, laco_search, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    import skrr_compile as skrr
+    from skrr_compile.core.checkpoints import load_encoder
+
+    plan = json.loads((laco_search / "plan.json").read_text())
+    merged = plan["info"]["merged_params"]
+    assert merged and plan["info"]["merged_weights"]["file"] == "plan.merged.safetensors"
+    weights = load_file(str(laco_search / "plan.merged.safetensors"))
+    assert sorted(weights) == sorted(merged)
+    dense = dict(load_encoder(dense_dir).named_parameters())
+    # a merge, not a copy: theta_base + sum(theta_following - theta_base) differs from the base layer
+    assert any(not torch.equal(weights[n], dense[n]) for n in merged)
+    out = tmp_path / "applied"
+    assert main(["apply", str(dense_dir), "--plan", str(laco_search / "plan.json"), "--out", str(out)]) == 0
+    applied = skrr.load(out)
+    tensors = dict(applied.graph_module.named_parameters())
+    for n in merged:
+        assert torch.equal(tensors[n], weights[n]), n
+    # the applied model is the one the search scored
+    report = json.loads((laco_search / "report.json").read_text())
+    assert report["rows"][0]["params"] == applied.num_params
+
+
+def test_apply_refuses_a_laco_plan_without_its_weights(dense_dir, laco_search, tmp_path, capsys):
+    import shutil
+
+    lonely = tmp_path / "plan.json"
+    shutil.copy(laco_search / "plan.json", lonely)
+    out = tmp_path / "applied"
+    assert main(["apply", str(dense_dir), "--plan", str(lonely), "--out", str(out)]) == 2
+    _one_line_error(capsys, "apply", "merged LaCo weights", "are missing")
+    assert not out.exists()
+    old = json.loads(lonely.read_text())
+    del old["info"]["merged_weights"]  # a plan written before the weights were carried
+    lonely.write_text(json.dumps(old))
+    assert main(["apply", str(dense_dir), "--plan", str(lonely), "--out", str(out)]) == 2
+    _one_line_error(capsys, "apply", "does not carry the merged weights")
+    shutil.copy(laco_search / "plan.merged.safetensors", tmp_path / "plan.merged.safetensors")
+    (tmp_path / "plan.json").write_text((laco_search / "plan.json").read_text())
+    with open(tmp_path / "plan.merged.safetensors", "r+b") as f:  # same size, other bytes
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    assert main(["apply", str(dense_dir), "--plan", str(lonely), "--out", str(out)]) == 2
+    _one_line_error(capsys, "apply", "sha256 differs")
+    assert not out.exists()
+
+
+def test_laco_search_state_resumes_with_its_merged_weights(dense_dir, laco_search, monkeypatch):
+    import torch
+
+    import skrr_compile.blocksearch.run as run
+
+    state = json.loads((laco_search / "search_state.json").read_text())
+    assert state["phase"] == "done" and state["laco"]["merged"]
+    assert (laco_search / state["tensors"]["laco"]["file"]).is_file()
+
+    def no_search(*a, **k):
+        raise AssertionError("a finished LaCo state was searched again")
+
+    monkeypatch.setattr(run, "laco", no_search)
+    from safetensors.torch import load_file
+
+    from skrr_compile.blocksearch.calibration import read_prompts
+    from skrr_compile.core.checkpoints import load_encoder, load_tokenizer
+
+    plan = json.loads((laco_search / "plan.json").read_text())
+    saved = load_file(str(laco_search / "plan.merged.safetensors"))
+    model, tok = load_encoder(dense_dir), load_tokenizer(dense_dir)
+    result = run.search(model, tok, read_prompts("builtin", limit=4), sparsity=0.004, method="laco",
+                        out_dir=laco_search, resume=True, progress=False, chunk_size=2)
+    assert list(result.plan.skip) == plan["skip"]
+    assert sorted(result.overrides) == sorted(saved)
+    for n, t in saved.items():
+        assert torch.equal(result.overrides[n].cpu(), t)
