@@ -460,3 +460,26 @@ def test_laco_search_state_resumes_with_its_merged_weights(dense_dir, laco_searc
     assert sorted(result.overrides) == sorted(saved)
     for n, t in saved.items():
         assert torch.equal(result.overrides[n].cpu(), t)
+
+
+# --- outputs follow the user's umask ---------------------------------------------------------------------------
+def test_outputs_follow_the_umask(dense_dir, tmp_path, capsys):
+    import os
+    import stat
+
+    (tmp_path / "plan.json").write_text(json.dumps({"skip": [1]}))
+    old = os.umask(0o027)
+    try:
+        assert main(["apply", str(dense_dir), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "a")]) == 0
+        assert main(["magnitude", str(dense_dir), "--target", "0.5", "--out", str(tmp_path / "m")]) == 0
+        assert _search(dense_dir, tmp_path / "s") == 0
+        assert main(["search", str(dense_dir), "--prompts", "builtin", "--limit", "4", "--chunk-size", "2",
+                     "--sparsity", "0.004", "--method", "laco", "--out", str(tmp_path / "l"), "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+             for d in ("a", "m", "s", "l") for p in [tmp_path / d, *(tmp_path / d).rglob("*")]}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o750 if (tmp_path / p).is_dir() else 0o640)}
+    assert not wrong
+    assert "a/model.safetensors" in modes and "m/skrr_sparse.safetensors" in modes and "s/plan.json" in modes
+    assert "l/plan.merged.safetensors" in modes and "l/search_state.laco.safetensors" in modes

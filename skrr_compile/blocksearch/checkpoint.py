@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from skrr_compile.blocksearch.calibration import Calibration
 from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.core.trace import EncoderGraph
-from skrr_compile.utils.files import atomic_write_text
+from skrr_compile.utils.files import atomic_write_text, follow_umask
 from skrr_compile.utils.tensors import named_tensors
 
 STATE_FILE = "search_state.json"
@@ -83,9 +83,7 @@ def write_tensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> st
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
         digest = _sha256_file(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

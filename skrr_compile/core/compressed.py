@@ -33,6 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from skrr_compile.utils.files import follow_umask
+
 META_KEY = "skrr_compressed"
 COMPRESSED_VERSION = 1
 ENCODINGS = ("dense", "bitmask", "csr")
@@ -285,6 +287,7 @@ def save_tensors(
     os.close(fd)
     try:
         save_file(parts, tmp, metadata=meta)
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

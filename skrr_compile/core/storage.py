@@ -14,7 +14,7 @@ from skrr_compile.core.encoder import PrunedEncoder
 from skrr_compile.core.errors import NotAPrunedModelError
 from skrr_compile.core.plan import Plan
 from skrr_compile.core.rebuild import build_graph_module
-from skrr_compile.utils.files import write_dir_atomically
+from skrr_compile.utils.files import follow_umask, write_dir_atomically
 from skrr_compile.utils.tensors import bind_tensors, named_tensors, retarget_devices
 
 FORMAT = "skrr-compile"
@@ -62,6 +62,7 @@ def save(
             save_tensors(unique, tmp / WEIGHTS_FILE, metadata={"producer": FORMAT})
         else:
             save_file(unique, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": FORMAT})
+            follow_umask(tmp / WEIGHTS_FILE)  # safetensors writes 0600
         pruned.config.save_pretrained(tmp)
         (tmp / PLAN_FILE).write_text(pruned.plan.to_json())
         meta = {

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from skrr_compile.core.encoder import PrunedEncoder
 from skrr_compile.magnitude.config import check_sparsity
 from skrr_compile.magnitude.layers import find_layers
 from skrr_compile.magnitude.layouts import to_semi_structured, to_sparse_layout
+from skrr_compile.utils.files import umask_mode
 
 MAGNITUDE_FORMAT = "skrr-compile-magnitude"
 MAGNITUDE_VERSION = 1
@@ -209,10 +212,19 @@ def save_component(model: nn.Module, directory: str | Path, report: Mapping | No
 
 
 def _copy_entry(src: Path, dst: Path) -> None:
+    """Copy as `cp` does: contents and times, the mode under the user's umask (not the source's as is)."""
     if src.is_dir():
-        shutil.copytree(src, dst, symlinks=False)
+        shutil.copytree(src, dst, symlinks=False, copy_function=_copy_file)
+        for d in [dst, *(p for p in dst.rglob("*") if p.is_dir())]:
+            d.chmod(umask_mode(0o777))
     else:
-        shutil.copy2(src, dst)
+        _copy_file(src, dst)
+
+
+def _copy_file(src, dst) -> None:
+    shutil.copyfile(src, dst)
+    shutil.copystat(src, dst)
+    os.chmod(dst, umask_mode(stat.S_IMODE(os.stat(src).st_mode)))
 
 
 def save_pruned(

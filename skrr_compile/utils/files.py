@@ -10,6 +10,18 @@ from pathlib import Path
 
 
 # atomic writes ----------------------------------------------------------------------------------------
+def umask_mode(base: int = 0o666) -> int:
+    """`base` under the process umask: the mode any other tool's output would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
+def follow_umask(path: str | Path, base: int = 0o666) -> None:
+    """Give a file written through mkstemp (0600) or a library that writes 0600 the user's usual mode."""
+    os.chmod(path, umask_mode(base))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -17,6 +29,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,9 +45,7 @@ def write_dir_atomically(out_dir: str | Path, fill: Callable[[Path], None], over
         raise FileExistsError(f"{str(out_dir)!r} is not empty; choose a new directory or pass overwrite=True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp.chmod(umask_mode(0o777))
     try:
         fill(tmp)
         if out_dir.exists():
