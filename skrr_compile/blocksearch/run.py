@@ -15,6 +15,9 @@ from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
 from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.evaluator import Evaluator
 from skrr_compile.blocksearch.laco import LACO_DEFAULTS, laco
+from skrr_compile.blocksearch.memory import chunk_shapes_of, measured_peak, plan_memory
+from skrr_compile.blocksearch.offload import OffloadBudgetError, WeightStore
+from skrr_compile.blocksearch.reference import PLACEMENTS
 from skrr_compile.blocksearch.runner import Config, StagedRunner
 from skrr_compile.blocksearch.selectors import output_selector, with_hidden_states
 from skrr_compile.blocksearch.shortgpt import shortgpt
@@ -24,6 +27,7 @@ from skrr_compile.core.plan import Plan
 from skrr_compile.core.trace import EncoderGraph, trace
 
 METHODS = ("skrr", "skrr-skip", "finercut", "shortgpt", "laco")
+OFFLOAD_MODES = ("none", "cpu")
 
 
 
@@ -77,12 +81,27 @@ def search(
     template: str | None = None,
     drop_tokens: int = 0,
     hidden_layer: int | str | Sequence[int] | None = None,
+    dtype: str | torch.dtype | None = None,
+    reference: str = "device",
+    host_cache_gb: float | None = None,
+    offload: str = "none",
+    device: str | torch.device | None = None,
+    device_budget_gb: float | None = None,
 ) -> SearchResult:
     """Find a plan that removes at least `sparsity` of the encoder's parameters (paper accounting).
 
     What the denoiser reads (LLM encoders): `template` ("...{prompt}...", the null prompt too), `drop_tokens`
     (the first N tokens of the embedding left out), `hidden_layer` (-2, or a list of layers concatenated
-    along the channels, instead of the last hidden state; see blocksearch/selectors.py)."""
+    along the channels, instead of the last hidden state; see blocksearch/selectors.py).
+
+    Memory (blocksearch/memory.py): `dtype` fp32|bf16|fp16 (default bf16 on CUDA, fp32 on CPU; a model in
+    another dtype is searched as a converted copy; discrepancy sums accumulate in fp32), `reference`
+    device|cpu|disk (where the projected dense reference lives), `cache_gb` boundary states on the device,
+    `host_cache_gb` more of them spilled to host memory (CUDA; default min(16, cache_gb * 4)), `offload`
+    none|cpu (weights stay on the host; each stage's are copied to `device` as it runs, within
+    `device_budget_gb`). The memory plan is printed at the start and kept in the report with the measured
+    peak.
+    """
     if method not in METHODS:
         raise SearchError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if beam < 1:
@@ -94,13 +113,25 @@ def search(
             select = output_selector(hidden_layer)
         except ValueError as e:
             raise SearchError(str(e)) from e
+    if reference not in PLACEMENTS:
+        raise SearchError(f"reference must be one of {', '.join(PLACEMENTS)}, got {reference!r}")
+    if offload not in OFFLOAD_MODES:
+        raise SearchError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}"
+                          + ("; disk offload is not implemented yet" if offload == "disk" else ""))
+    model_device = next(iter((graph.graph_module if graph is not None else model).parameters())).device
+    device = torch.device(device) if device is not None else model_device
+    if offload == "none" and device != model_device:
+        raise SearchError(f"the model is on {model_device}, the search device is {device}: move the model, "
+                          "or pass offload='cpu' to keep its weights on the host")
+    dtype = resolve_dtype(dtype, device)
     torch.manual_seed(seed)
-    graph = graph or trace(model)
+    model, graph = in_dtype(model, graph, dtype)
     target = check_sparsity(graph, sparsity)
     calibration = prepare_calibration(tokenizer, prompts, max_length=max_length, padding=padding,
                                       chunk_size=chunk_size, min_tokens=min_tokens, max_tokens=max_tokens, read=read,
                                       template=template, drop_tokens=drop_tokens)
-    calibration = calibration.to(graph.graph_module.parameters().__next__().device)
+    calibration = calibration.to(device)
+    projection = projection_in(projection, dtype, device)
     width = "finercut" if method == "finercut" else beam
     key = input_key(graph, calibration, sparsity=sparsity, method=method, beam=width, read=read,
                      laco=laco_params, projection=_describe(projection),
@@ -111,9 +142,29 @@ def search(
         return SearchResult(Plan.from_dict(ckpt.state["plan"]), ckpt.state["report"],
                             ckpt.load_tensors("laco", device))
     t0 = time.perf_counter()
-    runner = StagedRunner(graph)
-    ev = Evaluator(runner, calibration, projection, select, cache_bytes=int(cache_gb * (1 << 30)),
-                   beam=1 if method == "finercut" else beam, progress=progress)
+    weights = None
+    if offload != "none":
+        budget = int(device_budget_gb * (1 << 30)) if device_budget_gb is not None else None
+        try:
+            weights = WeightStore(graph, device, budget)
+        except OffloadBudgetError as e:
+            raise SearchError(str(e)) from e
+    runner = StagedRunner(graph, weights=weights)
+    runner.restrict_outputs(select)
+    cache_bytes = int(cache_gb * (1 << 30))
+    if host_cache_gb is None:
+        host_cache_gb = min(16.0, 4 * cache_gb) if device.type == "cuda" else 0.0
+    width_k = 1 if method == "finercut" else beam
+    memory = plan_memory(runner, chunk_shapes_of(calibration), projection_width=_projection_width(projection),
+                         dtype=dtype, cache_bytes=cache_bytes, beam=width_k, reference=reference,
+                         offload=offload, device=str(device))
+    if progress:
+        print("\n".join(memory.lines()), flush=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ev = Evaluator(runner, calibration, projection, select, cache_bytes=cache_bytes,
+                   beam=width_k, progress=progress, host_cache_bytes=int(host_cache_gb * (1 << 30)),
+                   reference=reference, reference_path=(Path(out_dir) / ".reference.safetensors") if out_dir else None)
     report: dict = {"method": method, "target_sparsity": sparsity, "beam": 1 if method == "finercut" else beam}
     overrides: dict = {}
     if method in ("skrr", "skrr-skip", "finercut"):
@@ -147,6 +198,9 @@ def search(
         "kernels_backend": ev.disc.backend,
         "cache": {"stride": ev.stride, "boundary_bytes": ev.per_boundary_bytes,
                   "note": f"every {ev.stride}. boundary of each beam kept ({ev.per_boundary_bytes / 2**20:.1f} MiB each)"},
+        "dtype": str(dtype).removeprefix("torch."),
+        "memory": {"plan": memory.to_dict(), "cache": ev.budget.to_dict(), "reference": reference,
+                   "offload": weights.to_dict() if weights is not None else None},
         "calibration": {"prompts": calibration.num_prompts, "truncated": calibration.truncated,
                         "dropped": calibration.dropped, "read": calibration.read,
                         "template": calibration.template, "drop_tokens": calibration.drop_tokens,
@@ -157,9 +211,68 @@ def search(
         report["calibration_report"] = ev.disc.report(outs, null).to_dict()
     if method != "laco":
         report["discrepancy"] = report["calibration_report"]["discrepancy"]
+    peak = measured_peak(device)
+    report["memory"]["measured_peak"] = peak
+    ev.disc.reference.close()
+    if progress:
+        print(f"measured peak device memory: {peak['bytes'] / (1 << 30):.2f} GiB ({peak['what']}; "
+              f"estimated {memory.peak / (1 << 30):.2f} GiB)", flush=True)
     result = SearchResult(plan, report, overrides)
     ckpt.save(phase="done", plan=plan.to_dict(), report=report)
     return result
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The search dtype: bf16 on CUDA and fp32 on CPU by default (bf16 is slow on most CPUs)."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise SearchError(f"dtype must be one of {', '.join(DTYPES)} (or auto), got {dtype!r}")
+
+
+def in_dtype(model, graph: EncoderGraph | None, dtype: torch.dtype):
+    """(model, graph) in the search dtype: a converted copy when the model has another dtype (HF code
+    paths depend on the dtype, so the graph is traced again from the copy)."""
+    source = graph.graph_module if graph is not None else model
+    current = next(p for p in source.parameters() if p.is_floating_point()).dtype
+    if current == dtype:
+        return model, graph or trace(model)
+    if model is None:
+        raise SearchError(f"the graph is in {current}, the search dtype is {dtype}; pass the model too")
+    import copy
+
+    converted = copy.deepcopy(model).to(dtype)
+    return converted, trace(converted)
+
+
+def projection_in(projection, dtype: torch.dtype, device: torch.device):
+    """Projection modules on the search device and in its dtype (copies; the caller's are untouched)."""
+    import copy
+
+    def convert(p):
+        if isinstance(p, torch.nn.Module):
+            params = list(p.parameters())
+            if params and (params[0].dtype != dtype or params[0].device != device):
+                return copy.deepcopy(p).to(device=device, dtype=dtype)
+        return p
+
+    if isinstance(projection, (tuple, list)):
+        return type(projection)(convert(p) for p in projection)
+    return convert(projection)
+
+
+def _projection_width(projection) -> int | None:
+    last = projection[-1] if isinstance(projection, (tuple, list)) else projection
+    if isinstance(last, torch.nn.Module):
+        linears = [m for m in last.modules() if isinstance(m, torch.nn.Linear)]
+        return linears[-1].out_features if linears else None
+    return None
 
 
 def _selection_key(select, drop_tokens: int) -> dict:

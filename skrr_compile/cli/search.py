@@ -57,10 +57,76 @@ def _search_args(p) -> None:
     p.add_argument("--sparsity", type=float, required=True, help="fraction of encoder parameters to remove")
     p.add_argument("--method", default="skrr", choices=METHODS)
     p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output directory (required unless --dry-run)")
+    p.add_argument("--projection-width", type=int, help="--dry-run: width of the caption projection (PixArt-Sigma: 1152)")
     p.add_argument("--resume", action="store_true", help="continue the search state in --out")
-    p.add_argument("--cache-gb", type=float, default=4.0, help="memory for cached hidden states")
+    p.add_argument("--cache-gb", type=float, default=4.0, help="device memory for cached boundary states")
+    _memory_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _memory_args(p) -> None:
+    g = p.add_argument_group("memory (see the memory plan a search prints first)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="search dtype (auto: bf16 on CUDA, fp32 on CPU); sums accumulate in fp32")
+    g.add_argument("--device", help="search device (default: cuda if available, else cpu)")
+    g.add_argument("--reference", default="device", choices=["device", "cpu", "disk"],
+                   help="where the projected dense reference lives (disk: safetensors read by memory map)")
+    g.add_argument("--host-cache-gb", type=float, help="more boundary states spilled to host memory (CUDA)")
+    g.add_argument("--offload", default="none", choices=["none", "cpu"],
+                   help="cpu: weights stay in host memory, each stage's copied to the device as it runs")
+    g.add_argument("--device-budget-gb", type=float, help="with --offload: device memory the weights may use")
+    g.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device (no weights), print the memory plan, exit")
+
+
+def _memory_kwargs(args) -> dict:
+    return {"dtype": args.dtype, "reference": args.reference, "host_cache_gb": args.host_cache_gb,
+            "offload": args.offload, "device": _device(args), "device_budget_gb": args.device_budget_gb}
+
+
+def _device(args) -> str:
+    import torch
+
+    if args.device:
+        return args.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dry_run(args) -> int:
+    """The memory plan of this search, from the config alone: nothing is allocated for the weights."""
+    import torch
+
+    from skrr_compile.blocksearch.memory import chunk_shapes_of, padded_shapes, plan_memory
+    from skrr_compile.blocksearch.run import resolve_dtype
+    from skrr_compile.blocksearch.runner import StagedRunner
+    from skrr_compile.core.checkpoints import load_encoder, load_tokenizer, resolve_model_path
+
+    if not 0.0 < args.sparsity < 1.0:
+        raise CLIError(f"sparsity must be in (0, 1), got {args.sparsity}")
+    device = torch.device(_device(args))
+    dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
+    path = resolve_model_path(args.model)
+    config = path if path.is_file() else path / "config.json"
+    if not config.is_file():
+        raise CLIError(f"{args.model!r} has no config.json: the dry run builds the model from its config")
+    with torch.device("meta"):
+        model = load_encoder(config, dtype=dtype, device="meta")
+    runner = StagedRunner(trace(model))
+    tok = load_tokenizer(args.tokenizer or path) if path.is_dir() or args.tokenizer else None
+    texts = read_prompts(args.prompts, field=args.field, limit=args.limit)
+    if tok is not None:
+        shapes, note = chunk_shapes_of(_calibration(args, tok)), ""
+    else:
+        if not args.max_length:
+            raise CLIError("no tokenizer to count tokens with: pass --max-length (every prompt is padded to it)")
+        shapes = padded_shapes(len(texts), args.max_length, args.chunk_size)
+        note = f"no tokenizer: every prompt padded to {args.max_length} tokens"
+    plan = plan_memory(runner, shapes, projection_width=args.projection_width, dtype=dtype,
+                       cache_bytes=int(args.cache_gb * (1 << 30)), beam=1 if args.method == "finercut" else args.beam,
+                       reference=args.reference, offload=args.offload, device=str(device), note=note)
+    print("\n".join(plan.lines()))
+    return 0
 
 
 def register(sub) -> None:
@@ -130,7 +196,7 @@ def _run_search(args, out: Path):
     out.mkdir(parents=True, exist_ok=True)  # only now that every input has been checked
     result = search(model, tok, cal, sparsity=args.sparsity, method=args.method, beam=args.beam, out_dir=out,
                     resume=args.resume, progress=not args.quiet, cache_gb=args.cache_gb, graph=graph,
-                    hidden_layer=args.hidden_layer)
+                    hidden_layer=args.hidden_layer, **_memory_kwargs(args))
     pruned = materialize(graph, result)
     held = heldout_report(model, pruned, held_cal, select=output_selector(args.hidden_layer)) if args.heldout else None
     row = result_row(graph, result, pruned, held)
@@ -139,6 +205,8 @@ def _run_search(args, out: Path):
 
 def _prepare_out(args) -> Path:
     """Check --out (created only once the inputs are checked, in _run_search)."""
+    if not args.out:
+        raise CLIError("--out is required (or pass --dry-run to print the memory plan only)")
     out = check_out_dir(args.out, may_exist_nonempty=True)
     if out.exists() and any(out.iterdir()) and not args.resume and not (out / STATE_FILE).exists():
         raise CLIError(f"{args.out!r} is not empty; choose a new directory")
@@ -146,6 +214,8 @@ def _prepare_out(args) -> Path:
 
 
 def cmd_search(args) -> int:
+    if args.dry_run:
+        return dry_run(args)
     out = _prepare_out(args)
     _, _, _, _, result, _, row = _run_search(args, out)
     save_plan(result.plan, result.overrides, out / "plan.json")  # LaCo: + plan.merged.safetensors
@@ -156,6 +226,8 @@ def cmd_search(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    if args.dry_run:
+        return dry_run(args)
     out = _prepare_out(args)
     path, _, tok, _, result, pruned, row = _run_search(args, out)
     pruned.info["source"] = str(path.resolve())
