@@ -70,9 +70,9 @@ def no_bos_tokenizer():
     return tok
 
 
-def hand_discrepancy(model, skip, tok, prompts, *, template=None, drop=0, layers=None, chunk_size=4):
+def hand_discrepancy(model, skip, tok, prompts, *, template=None, drop=0, layers=None, chunk_size=4,
+                     fam=FAMILIES["llama"]):
     """Eq. 1 computed from the hand-patched eager HF model: no skrr code but the hook-based reference."""
-    fam = FAMILIES["llama"]
     ref = fam.reference(model, skip, {})
     wrap = (lambda p: p) if template is None else (lambda p: template.replace("{prompt}", p))  # noqa: E731
 
@@ -186,3 +186,129 @@ def test_search_with_template_drop_and_layer_reports_the_hand_computed_discrepan
     assert first["score"] == pytest.approx(min(singles.values()), rel=1e-5)
     with pytest.raises(skrr.SearchError, match="either select or hidden_layer"):
         skrr.search(llama, tok, PROMPTS, sparsity=0.1, hidden_layer=-2, select=lambda o: o[0], template=TEMPLATE)
+
+
+# --- any encoder the partition accepts, from a saved checkpoint (CLI loading) -------------------------------
+def _causal(cfg_cls, lm_cls, **kw):
+    from factories import _small
+
+    return getattr(__import__("transformers"), lm_cls)(_small(getattr(__import__("transformers"), cfg_cls), **kw))
+
+
+def _checkpoints():
+    import transformers as tf
+
+    return {
+        "qwen3": (lambda: _causal("Qwen3Config", "Qwen3ForCausalLM", head_dim=8), "Qwen3Model", lambda m: m.model),
+        "gemma3_text": (lambda: _causal("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, sliding_window=4),
+                        "Gemma3TextModel", lambda m: m.model),
+        "mistral": (lambda: _causal("MistralConfig", "MistralForCausalLM", head_dim=8), "MistralModel",
+                    lambda m: m.model),
+        "mt5": (lambda: tf.MT5ForConditionalGeneration(tf.MT5Config(
+            vocab_size=99, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=1, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16)),
+            "MT5EncoderModel", lambda m: m.get_encoder()),
+        "xlm-roberta": (lambda: tf.XLMRobertaForMaskedLM(tf.XLMRobertaConfig(
+            vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, pad_token_id=1)), "XLMRobertaModel", lambda m: m.roberta),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name, (build, cls, inner) in _checkpoints().items():
+        torch.manual_seed(11)
+        full = build().eval()
+        with torch.no_grad():
+            for pname, prm in full.named_parameters():
+                if "norm" in pname.lower():
+                    prm.add_(0.1 * torch.randn_like(prm))
+        full.save_pretrained(root / name)
+        out[name] = (root / name, cls, inner(full))
+    return out
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3_text", "mistral", "mt5", "xlm-roberta"])
+def test_checkpoints_load_as_their_encoder_and_partition(saved_checkpoints, name, capsys):
+    from skrr_compile.cli.main import main
+    from skrr_compile.core.checkpoints import load_encoder
+
+    path, cls, reference = saved_checkpoints[name]
+    model = load_encoder(path)
+    assert type(model).__name__ == cls
+    ids = torch.tensor([[5, 9, 17, 33, 2, 40, 8], [7, 7, 12, 90, 3, 4, 1]])
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    with torch.no_grad():  # the same weights as the full checkpoint's base model / encoder
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model(ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        graph = skrr.trace(model)
+        n_layers = 3 if name in ("qwen3", "gemma3_text", "mistral") else 2
+        assert [b.kind for b in graph.blocks] == ["attn", "ffn"] * n_layers
+        pruned = skrr.apply(graph, skrr.Plan())
+        torch.testing.assert_close(pruned(ids, attention_mask=mask).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    assert main(["inspect", str(path)]) == 0
+    assert f"{cls}: {2 * n_layers} sub-blocks" in capsys.readouterr().out
+
+
+def test_encoder_architecture_from_the_auto_mapping():
+    import transformers as tf
+
+    from skrr_compile.core.checkpoints import UnsupportedCheckpointError, encoder_architecture
+
+    cases = [
+        (tf.Qwen3Config(architectures=["Qwen3ForCausalLM"]), "Qwen3Model"),
+        (tf.Phi3Config(architectures=["Phi3ForCausalLM"]), "Phi3Model"),
+        (tf.T5Config(architectures=["T5ForConditionalGeneration"]), "T5EncoderModel"),
+        (tf.UMT5Config(architectures=["UMT5ForConditionalGeneration"]), "UMT5EncoderModel"),
+        (tf.CLIPTextConfig(architectures=["CLIPTextModelWithProjection"]), "CLIPTextModelWithProjection"),
+        (tf.BertConfig(architectures=["BertForMaskedLM"]), "BertModel"),
+    ]
+    for cfg, want in cases:
+        assert encoder_architecture(cfg) == want, cfg.model_type
+    with pytest.raises(UnsupportedCheckpointError, match="bart.*encoder-decoder.*no encoder-only class"):
+        encoder_architecture(tf.BartConfig(architectures=["BartForConditionalGeneration"]))
+
+
+def test_cli_names_what_it_found_when_the_partition_refuses(tmp_path, capsys):
+    import transformers as tf
+
+    from skrr_compile.cli.main import main
+
+    cfg = tf.CLIPConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=32),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=16))
+    tf.CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    assert main(["inspect", str(tmp_path / "clip")]) == 2
+    err = capsys.readouterr().err
+    assert "CLIPModel: expected one stack of transformer layers" in err
+    assert "text_model.encoder.layers" in err and "vision_model.encoder.layers" in err
+
+
+def test_cli_search_on_a_causal_lm_checkpoint_with_template_drop_and_layer(saved_checkpoints, tmp_path):
+    """`skrr-compile search` on a Qwen3ForCausalLM directory whose tokenizer adds no BOS."""
+    import json
+
+    from skrr_compile.cli.main import main
+    from skrr_compile.core.checkpoints import load_encoder
+
+    path, _, _ = saved_checkpoints["qwen3"]
+    no_bos_tokenizer().save_pretrained(path)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    base = ["search", str(path), "--prompts", str(prompts), "--chunk-size", "4", "--sparsity", "0.1",
+            "--method", "shortgpt", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 2  # the null prompt has no token: a clear error
+    out = tmp_path / "b"
+    assert main(base + ["--out", str(out), "--template", TEMPLATE, "--drop-tokens", str(PREFIX),
+                        "--hidden-layer", "-2", "--heldout", str(prompts)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    row, cal = report["rows"][0], report["search"]["calibration"]
+    assert cal["template"] == TEMPLATE and cal["drop_tokens"] == PREFIX and cal["select"] == "hidden_states[-2]"
+    want = hand_discrepancy(load_encoder(path), row["skip"], no_bos_tokenizer(), PROMPTS, template=TEMPLATE,
+                            drop=PREFIX, layers=[-2], fam=LLM_FAMILIES["qwen3"])
+    assert row["calib_discrepancy"] == pytest.approx(want, rel=1e-5)
+    assert row["heldout_discrepancy"] == pytest.approx(want, rel=1e-5)  # same prompts, dense HF model as reference

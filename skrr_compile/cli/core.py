@@ -9,7 +9,13 @@ import transformers
 
 from skrr_compile.blocksearch.laco import merged_weights
 from skrr_compile.cli.main import CLIError, check_out_dir, print_json
-from skrr_compile.core.checkpoints import _architecture, load_encoder, load_tokenizer, resolve_model_path
+from skrr_compile.core.checkpoints import (
+    _architecture,
+    is_gguf,
+    load_encoder,
+    load_tokenizer,
+    resolve_model_path,
+)
 from skrr_compile.core.encoder import apply
 from skrr_compile.core.plan import Plan
 from skrr_compile.core.storage import MODEL_FILE, PLAN_FILE, read_model_meta, save
@@ -59,7 +65,7 @@ def cmd_inspect(args) -> int:
     path = resolve_model_path(args.model)
     if path.is_dir() and (path / MODEL_FILE).is_file():
         return _inspect_pruned(path, args.json)
-    if path.is_file():  # a bare config: build on the meta device, allocate nothing
+    if path.is_file() and not is_gguf(path):  # a bare config: build on the meta device, allocate nothing
         config = transformers.AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             model = getattr(transformers, _architecture(config))(config)

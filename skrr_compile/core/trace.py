@@ -28,6 +28,13 @@ SUPPORTED = (
     "LlamaModel",
     "Qwen2Model",
     "Gemma2Model",
+    # issue 12: the LLM / multilingual encoders of today's pipelines (tests/test_llm_encoders.py)
+    "Qwen3Model",
+    "MistralModel",
+    "Phi3Model",
+    "Gemma3TextModel",
+    "MT5EncoderModel",
+    "XLMRobertaModel",
 )
 
 
@@ -182,7 +189,10 @@ def trace(model: nn.Module) -> EncoderGraph:
     layers_path = find_layer_list(model)
     n_layers = len(model.get_submodule(layers_path))
     gm = export_encoder(model)
-    result = partition(gm, [f"{layers_path}.{i}" for i in range(n_layers)])
+    try:
+        result = partition(gm, [f"{layers_path}.{i}" for i in range(n_layers)])
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{type(model).__name__} (layers at {layers_path!r}): {e}") from e
     return EncoderGraph(
         graph_module=gm,
         blocks=result.blocks,
