@@ -483,3 +483,59 @@ def test_outputs_follow_the_umask(dense_dir, tmp_path, capsys):
     assert not wrong
     assert "a/model.safetensors" in modes and "m/skrr_sparse.safetensors" in modes and "s/plan.json" in modes
     assert "l/plan.merged.safetensors" in modes and "l/search_state.laco.safetensors" in modes
+
+
+# --- a normal run prints only the project's own lines ---------------------------------------------------------
+def _cli(*argv, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "skrr_compile", *map(str, argv)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=600)
+
+
+def test_normal_runs_print_no_dependency_noise(dense_dir, tmp_path):
+    """stderr is not a terminal here: no warnings of dependencies, no carriage-return bar updates."""
+    (tmp_path / "plan.json").write_text(json.dumps({"skip": [1]}))
+    runs = {
+        "search --quiet": _cli("search", dense_dir, "--prompts", "builtin", "--limit", "4", "--chunk-size", "2",
+                               "--sparsity", "0.004", "--method", "skrr-skip", "--beam", "1",
+                               "--out", tmp_path / "s", "--quiet"),
+        "apply": _cli("apply", dense_dir, "--plan", tmp_path / "plan.json", "--out", tmp_path / "a"),
+        "export-onnx": _cli("export-onnx", tmp_path / "a", tmp_path / "a.onnx"),
+    }
+    for name, r in runs.items():
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        for noise in ("Warning", "deprecated", "torchvision", "\r", "Loading weights", "Traceback"):
+            assert noise not in r.stderr, (name, noise, r.stderr[-2000:])
+    assert runs["search --quiet"].stderr == ""
+
+
+def test_projection_module_and_plot_without_heldout_warn_nothing(tmp_path):
+    import warnings
+
+    import torch
+    from PIL import Image
+
+    from skrr_compile.blocksearch.report import plot
+    from skrr_compile.blocksearch.run import _describe
+
+    rows = [{"method": "skrr", "sparsity": s, "calib_discrepancy": d, "heldout_discrepancy": None}
+            for s, d in ((0.1, 0.01), (0.2, 0.05))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _describe(torch.nn.Linear(4, 4))  # a projection module's parameters require grad
+        assert plot(tmp_path / "p.png", rows)
+    assert Image.open(tmp_path / "p.png").size[0] == 600  # one panel (5 in x 120 dpi): no empty held-out one
+
+
+def test_apply_and_load_warn_nothing(tmp_path):
+    import warnings
+
+    from factories import FAMILIES
+
+    import skrr_compile as skrr
+
+    model = FAMILIES["t5-gated"].make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned = skrr.apply(model, skrr.Plan(skip=[1]))
+        skrr.save(pruned, tmp_path / "p")
+        skrr.load(tmp_path / "p")

@@ -75,21 +75,27 @@ def plot(path: Path, rows: list[dict]) -> bool:
     by_method = defaultdict(list)
     for r in rows:
         by_method[r["method"]].append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [(key, name) for key, name in (("calib_discrepancy", "calibration"), ("heldout_discrepancy", "held-out"))
+              if any(r.get(key) is not None for r in rows)]  # no empty held-out panel without --heldout
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
     for method, mrows in sorted(by_method.items()):
         mrows = sorted(mrows, key=lambda r: r["sparsity"])
         x = [100 * r["sparsity"] for r in mrows]
-        for ax, key in zip(axes, ("calib_discrepancy", "heldout_discrepancy")):
+        for ax, (key, _) in zip(axes, panels):
             y = [r.get(key) for r in mrows]
             if any(v is not None for v in y):
                 ax.plot(x, [v if v is not None else float("nan") for v in y], marker="o", label=method)
-    for ax, name in zip(axes, ("calibration", "held-out")):
+    for ax, (_, name) in zip(axes, panels):
         ax.set_xlabel("sparsity (% of encoder parameters removed)")
         ax.set_ylabel("discrepancy D (MSE prompts + MSE null)")
         ax.set_title(f"{name} discrepancy")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

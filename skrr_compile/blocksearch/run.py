@@ -288,7 +288,7 @@ def _describe(projection) -> str:
     desc = []
     for p in parts:
         if isinstance(p, torch.nn.Module):
-            s = sum(float(t.double().sum()) for t in p.parameters())
+            s = sum(float(t.detach().double().sum()) for t in p.parameters())
             desc.append(f"{type(p).__name__}:{s:.6e}")
         else:
             desc.append(repr(p))

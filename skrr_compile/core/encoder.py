@@ -87,7 +87,7 @@ class PrunedEncoder(nn.Module):
         want_hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         if not want_hidden and hasattr(out, "hidden_states"):
             out.hidden_states = None
-        use_dict = return_dict if return_dict is not None else getattr(self.config, "use_return_dict", True)
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)  # use_return_dict is deprecated
         return out if use_dict else out.to_tuple()
 
     def _retrace(self) -> None:

@@ -17,6 +17,7 @@ from skrr_compile.core.plan import Plan
 from skrr_compile.passes.graph_utils import ASSERT_TARGETS, fetch_attr, live_nodes, unique_tensors
 from skrr_compile.passes.partition import SubBlock, UnsupportedModelError, partition
 from skrr_compile.passes.rewrite import plan_redirects, rewrite
+from skrr_compile.utils.quiet import dependency_warnings_silenced
 from skrr_compile.utils.tensors import param_numel
 
 SUPPORTED = (
@@ -168,7 +169,8 @@ class EncoderGraph:
     def copy_graph_module(self) -> fx.GraphModule:
         """A new GraphModule with a copied graph; parameters are shared, not copied."""
         gm = self.graph_module
-        new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        with dependency_warnings_silenced():  # torch's pytree LeafSpec deprecation, on every deepcopy
+            new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         for key in ("_in_spec", "_out_spec"):
             if hasattr(gm, key):
                 setattr(new, key, getattr(gm, key))

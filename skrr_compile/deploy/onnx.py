@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from skrr_compile.core.encoder import PrunedEncoder
+from skrr_compile.utils.quiet import dependency_warnings_silenced
 from skrr_compile.utils.tensors import bind_tensors, named_tensors, retarget_devices
 
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -99,7 +100,8 @@ class _ExportWrapper(nn.Module):
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # parameters shared, graph copied
+    with dependency_warnings_silenced():  # torch's pytree LeafSpec deprecation, on every deepcopy
+        new = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # parameters shared, graph copied
     for key in ("_in_spec", "_out_spec"):
         if hasattr(gm, key):
             setattr(new, key, getattr(gm, key))
@@ -419,7 +421,7 @@ def export_onnx(
     output_names = list(fields)
     if output_hidden_states:
         output_names += [f"hidden_states.{i}" for i in range(n_hidden)]
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), dependency_warnings_silenced():  # + torchvision log lines
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper,
