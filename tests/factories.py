@@ -186,3 +186,97 @@ LLM_FAMILIES = {
     "gemma3_text": Family("gemma3_text", _gemma3, "layers", *_SANDWICH),
     "mistral": Family("mistral", _mistral, "layers", *_PRE_LN),
 }
+
+
+# --- a tiny GGUF file (llama.cpp layout), written with the gguf package -------------------------------------
+GGUF_WORDS = ["<pad>", "<s>", "</s>"] + list("abcdefghijklmnopqrstuvwxyz") + ["Ġ", "Ġa", "Ġc", "at", "Ġcat"]
+
+
+def write_tiny_llama_gguf(path, seed=0, quant="Q8_0"):
+    """A tiny Llama encoder as llama.cpp writes it (q/k rows permuted, `blk.N.*` names), its matrices quantized
+    to `quant`, with a byte-level BPE tokenizer that adds no BOS. Returns the independent reference: an HF
+    LlamaModel holding the dequantized weights (dequantized by the gguf package, not by transformers)."""
+    import gguf
+    import numpy as np
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = tf.LlamaModel(cfg).eval()
+    qtype = getattr(gguf.GGMLQuantizationType, quant)
+
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(VOCAB)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "Q8_0" else gguf.LlamaFileType.ALL_F32)
+    tokens = GGUF_WORDS + [f"<extra_{i}>" for i in range(VOCAB - len(GGUF_WORDS))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (VOCAB - 3))
+    writer.add_token_merges(["Ġ a", "Ġ c", "a t", "Ġc at"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(False)
+
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    dequantized = {}
+
+    def put(name, hf_name, w, quantize=True):
+        w = np.ascontiguousarray(w)
+        if quantize and w.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            q = gguf.quants.quantize(w, qtype)
+            writer.add_tensor(name, q, raw_dtype=qtype)
+            back = gguf.quants.dequantize(q, qtype)
+        else:
+            writer.add_tensor(name, w)
+            back = w
+        dequantized[hf_name] = back
+
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    put("token_embd.weight", "embed_tokens.weight", sd["embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        put(f"blk.{i}.attn_norm.weight", p + "input_layernorm.weight", sd[p + "input_layernorm.weight"])
+        put(f"blk.{i}.attn_q.weight", p + "self_attn.q_proj.weight", permute(sd[p + "self_attn.q_proj.weight"], nh))
+        put(f"blk.{i}.attn_k.weight", p + "self_attn.k_proj.weight", permute(sd[p + "self_attn.k_proj.weight"], nkv))
+        put(f"blk.{i}.attn_v.weight", p + "self_attn.v_proj.weight", sd[p + "self_attn.v_proj.weight"])
+        put(f"blk.{i}.attn_output.weight", p + "self_attn.o_proj.weight", sd[p + "self_attn.o_proj.weight"])
+        put(f"blk.{i}.ffn_norm.weight", p + "post_attention_layernorm.weight", sd[p + "post_attention_layernorm.weight"])
+        put(f"blk.{i}.ffn_gate.weight", p + "mlp.gate_proj.weight", sd[p + "mlp.gate_proj.weight"])
+        put(f"blk.{i}.ffn_up.weight", p + "mlp.up_proj.weight", sd[p + "mlp.up_proj.weight"])
+        put(f"blk.{i}.ffn_down.weight", p + "mlp.down_proj.weight", sd[p + "mlp.down_proj.weight"])
+    put("output_norm.weight", "norm.weight", sd["norm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    def unpermute(w, n_head):  # the dequantized q/k rows back in HF order
+        return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    ref = tf.LlamaModel(cfg).eval()
+    state = {}
+    for k, v in dequantized.items():
+        if k.endswith("q_proj.weight"):
+            v = unpermute(v, nh)
+        elif k.endswith("k_proj.weight"):
+            v = unpermute(v, nkv)
+        state[k] = torch.from_numpy(np.ascontiguousarray(v)).float()
+    missing = ref.load_state_dict(state, strict=False).missing_keys
+    assert not [k for k in missing if "rotary" not in k], missing
+    return ref, model

@@ -312,3 +312,69 @@ def test_cli_search_on_a_causal_lm_checkpoint_with_template_drop_and_layer(saved
                             drop=PREFIX, layers=[-2], fam=LLM_FAMILIES["qwen3"])
     assert row["calib_discrepancy"] == pytest.approx(want, rel=1e-5)
     assert row["heldout_discrepancy"] == pytest.approx(want, rel=1e-5)  # same prompts, dense HF model as reference
+
+
+# --- GGUF checkpoints -----------------------------------------------------------------------------------
+GGUF_PROMPTS = ["a cat", "a cat at a cab", "the bat sat", "a big cat at the back", "cats and bats"]
+GGUF_TEMPLATE = "ab c {prompt} at"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from factories import write_tiny_llama_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.Q8_0.gguf"
+    ref, original = write_tiny_llama_gguf(path)
+    return path, ref, original
+
+
+def test_gguf_loads_dequantized_with_its_own_tokenizer(tiny_gguf):
+    from skrr_compile.core.checkpoints import describe_source, load_encoder, load_tokenizer
+
+    path, ref, original = tiny_gguf
+    model = load_encoder(path)
+    assert type(model).__name__ == "LlamaModel" and model.config.num_hidden_layers == 2
+    ids = torch.tensor([[3, 33, 7, 30, 12, 9], [31, 32, 4, 5, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).last_hidden_state
+        want = ref(ids, attention_mask=mask).last_hidden_state  # weights dequantized by the gguf package
+        unquantized = original(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert 1e-4 < float((got - unquantized).abs().max()) < 0.1  # Q8_0 error: small, but really there
+    tok = load_tokenizer(path)
+    assert tok("")["input_ids"] == [] and tok("a cat")["input_ids"] == [3, 33]
+    src = describe_source(path)
+    assert src["format"] == "gguf" and src["quantized"] and src["tensor_types"] == {"F32": 5, "Q8_0": 15}
+    assert "quantized (Q8_0)" in src["note"]
+    graph = skrr.trace(model)
+    assert [b.kind for b in graph.blocks] == ["attn", "ffn"] * 2
+
+
+def test_cli_prune_of_a_gguf_saves_safetensors_and_reports_quantization(tiny_gguf, tmp_path):
+    import json
+
+    from skrr_compile.cli.main import main
+
+    path, ref, _ = tiny_gguf
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(GGUF_PROMPTS) + "\n")
+    out = tmp_path / "pruned"
+    assert main(["prune", str(path), "--prompts", str(prompts), "--template", GGUF_TEMPLATE, "--sparsity", "0.1",
+                 "--method", "skrr-skip", "--beam", "2", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"]["quantized"] and report["source"]["format"] == "gguf"
+    assert "the source was quantized (Q8_0)" in (out / "report.md").read_text()
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.gguf"))
+    pruned = skrr.load(out)
+    skip = list(pruned.plan.skip)
+    assert skip and skip == report["rows"][0]["skip"]
+    ids = torch.tensor([[3, 33, 7, 30, 12, 9]])
+    fam = FAMILIES["llama"]
+    with torch.no_grad():  # the saved model is the dequantized encoder with the plan applied
+        want = fam.reference(ref, skip, {})(ids).last_hidden_state
+        torch.testing.assert_close(pruned(ids).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(out)  # its tokenizer saved beside it
+    assert tok("a cat")["input_ids"] == [3, 33]

@@ -24,7 +24,7 @@ from skrr_compile.blocksearch.run import (
 from skrr_compile.blocksearch.selectors import output_selector, parse_layers
 from skrr_compile.blocksearch.target import check_sparsity
 from skrr_compile.cli.main import CLIError, check_out_dir
-from skrr_compile.core.checkpoints import load_encoder, load_tokenizer, resolve_model_path
+from skrr_compile.core.checkpoints import describe_source, load_encoder, load_tokenizer, resolve_model_path
 from skrr_compile.core.storage import load, read_model_meta, save
 from skrr_compile.core.trace import trace
 from skrr_compile.utils.files import atomic_write_text
@@ -160,6 +160,12 @@ def _hidden_layer(spec: str) -> str:
     return spec
 
 
+def _source_notes(path) -> list[str]:
+    """A line for the report when the dense model was a quantized GGUF file (dequantized to float)."""
+    source = describe_source(path)
+    return [f"source {source['format']}: {source['note']}"] if source["format"] == "gguf" else []
+
+
 def _command() -> str:
     return "skrr-compile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -217,9 +223,10 @@ def cmd_search(args) -> int:
     if args.dry_run:
         return dry_run(args)
     out = _prepare_out(args)
-    _, _, _, _, result, _, row = _run_search(args, out)
+    path, _, _, _, result, _, row = _run_search(args, out)
     save_plan(result.plan, result.overrides, out / "plan.json")  # LaCo: + plan.merged.safetensors
-    write_report(out, [row], title=f"{args.method} search", command=_command(), extra={"search": result.report})
+    write_report(out, [row], title=f"{args.method} search", command=_command(), notes=_source_notes(path),
+                 extra={"search": result.report, "source": describe_source(path)})
     print(f"plan: skip={list(result.plan.skip)} reuse={result.plan.reuse} sparsity={row['sparsity']:.4f} "
           f"D={row['calib_discrepancy']:.5g} -> {out / 'plan.json'}")
     return 0
@@ -233,7 +240,8 @@ def cmd_prune(args) -> int:
     pruned.info["source"] = str(path.resolve())
     state = (out / STATE_FILE).read_text() if (out / STATE_FILE).exists() else None
     tmp_report = out.with_name(f".{out.name}.report")
-    write_report(tmp_report, [row], title=f"{args.method} prune", command=_command(), extra={"search": result.report})
+    write_report(tmp_report, [row], title=f"{args.method} prune", command=_command(), notes=_source_notes(path),
+                 extra={"search": result.report, "source": describe_source(path)})
     extra = {p.name: p.read_text() for p in tmp_report.iterdir() if p.suffix in (".json", ".md")}
     extra["plan.json"] = result.plan.to_json()
     if state:
@@ -324,7 +332,7 @@ def cmd_compare(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not state_path.is_file():
         atomic_write_text(state_path, json.dumps({"key": key, "model": str(path)}, indent=1))
-    notes = [f"dense model: {path}", f"{cal.num_prompts} calibration prompts",
+    notes = [f"dense model: {path}", *_source_notes(path), f"{cal.num_prompts} calibration prompts",
              f"{held.num_prompts} held-out prompts" if held else "no held-out set"]
     for s in sparsities:
         for m in methods:
