@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test test-fast fuzz demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
+
+# The hypothesis suites with >= 1,000 examples each (HYPOTHESIS_PROFILE=fuzz, see tests/conftest.py): plans vs
+# hand-patched HF models, compressed formats, prompt files. CI (`make test`) keeps each suite's fast count.
+FUZZ_TESTS ?= tests/test_core.py::test_random_plans_match_hand_patched_model \
+	tests/test_llm_encoders.py::test_llm_random_plans_match_hand_patched_model tests/test_compressed.py \
+	tests/test_magnitude.py::test_per_matrix_sparsity_within_one_weight_and_smallest_first \
+	tests/test_magnitude.py::test_kth_smallest_abs_matches_numpy tests/test_reliability.py
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -n 2 --dist loadfile -k "fuzz or random_plans or property \
+		or pack_bits or per_matrix or kth_smallest" --hypothesis-show-statistics $(FUZZ_TESTS) $(PYTEST_ARGS)
 
 demo: install
 	@echo "== sub-block table of the built-in real model (all-MiniLM-L6-v2)"

@@ -539,3 +539,85 @@ def test_apply_and_load_warn_nothing(tmp_path):
         pruned = skrr.apply(model, skrr.Plan(skip=[1]))
         skrr.save(pruned, tmp_path / "p")
         skrr.load(tmp_path / "p")
+
+
+# --- prune-pipeline --plans inline JSON; LaCo plans where merged weights cannot be carried ---------------------
+def test_plans_accepts_inline_json_and_laco_is_refused_where_weights_cannot_follow(tmp_path, capsys):
+    import skrr_compile as skrr
+    from skrr_compile.cli.deploy import _read_plans
+    from skrr_compile.deploy.compile_backend import MergedWeightsPlanError, resolve_plan
+
+    assert _read_plans('{"text_encoder": {"skip": [1]}}') == {"text_encoder": skrr.Plan(skip=[1])}
+    with pytest.raises(Exception, match="--plans is not valid JSON"):
+        _read_plans('{"text_encoder": ')
+    out = tmp_path / "pp"
+    assert main(["prune-pipeline", str(tmp_path), "--prompts", "builtin", "--sparsity", "0.3", "--method", "laco",
+                 "--out", str(out)]) == 2
+    _one_line_error(capsys, "prune-pipeline", "cannot carry LaCo's merged weights")
+    assert not out.exists()
+    with pytest.raises(MergedWeightsPlanError, match="LaCo plan"):
+        resolve_plan({"skip": [2, 3], "method": "laco", "info": {"merged_params": ["encoder.layer.0.x"]}})
+
+
+# --- prompt files, fuzzed (`make fuzz` runs these with >= 1,000 examples) --------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_FUZZ
+@given(prompts=st.lists(st.text(), min_size=1, max_size=8), ascii_only=st.booleans(), crlf=st.booleans(),
+       extra=st.dictionaries(st.sampled_from(["id", "score", "tags"]), st.integers() | st.text(), max_size=2))
+def test_fuzz_jsonl_prompts_round_trip(tmp_path_factory, prompts, ascii_only, crlf, extra):
+    from skrr_compile.blocksearch.calibration import PromptError, read_prompts
+
+    path = tmp_path_factory.mktemp("fz") / "p.jsonl"
+    newline = "\r\n" if crlf else "\n"
+    path.write_bytes(newline.join(json.dumps({"prompt": p, **extra}, ensure_ascii=ascii_only)
+                                  for p in prompts).encode("utf-8"))
+    expected = [p for p in prompts if p.strip()]
+    if not expected:
+        with pytest.raises(PromptError, match="no prompts"):
+            read_prompts(path)
+    else:
+        assert read_prompts(path) == expected
+
+
+@_FUZZ
+@given(prompts=st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+                        min_size=1, max_size=8), delimiter=st.sampled_from([",", "\t"]))
+def test_fuzz_csv_tsv_prompts_round_trip(tmp_path_factory, prompts, delimiter):
+    import csv
+    import io
+
+    from skrr_compile.blocksearch.calibration import PromptError, read_prompts
+
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter=delimiter)
+    w.writerow(["id", "prompt"])
+    for i, p in enumerate(prompts):
+        w.writerow([i, p])
+    path = tmp_path_factory.mktemp("fz") / ("p.csv" if delimiter == "," else "p.tsv")
+    path.write_text(buf.getvalue(), encoding="utf-8", newline="")
+    expected = [p for p in prompts if p.strip()]
+    if not expected:
+        with pytest.raises(PromptError):
+            read_prompts(path)
+    else:
+        assert read_prompts(path) == expected
+
+
+@_FUZZ
+@given(data=st.binary(max_size=300), suffix=st.sampled_from([".txt", ".jsonl", ".csv", ".tsv"]))
+def test_fuzz_arbitrary_prompt_files_give_prompts_or_a_prompt_error(tmp_path_factory, data, suffix):
+    from skrr_compile.blocksearch.calibration import PromptError, read_prompts
+
+    path = tmp_path_factory.mktemp("fz") / f"p{suffix}"
+    path.write_bytes(data)
+    try:
+        prompts = read_prompts(path)
+    except PromptError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+    else:
+        assert prompts and all(isinstance(p, str) and p.strip() for p in prompts)

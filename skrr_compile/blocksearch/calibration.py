@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -52,14 +54,14 @@ def _read_file(path: Path, field: str | None) -> list[str]:
         raise PromptError(f"prompt file {str(path)!r} does not exist; accepted: {PROMPT_FORMATS}")
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # no newline translation: csv reads \r in quoted fields
     except (OSError, UnicodeDecodeError) as e:
         raise PromptError(f"cannot read prompt file {str(path)!r}: {e}") from e
     if suffix == ".txt":
-        return [line.strip() for line in text.splitlines()]
+        return [line.strip() for line in _lines(text)]
     if suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(_lines(text), 1):
             if line.strip():
                 try:
                     rows.append((n, json.loads(line)))
@@ -67,9 +69,18 @@ def _read_file(path: Path, field: str | None) -> list[str]:
                     raise PromptError(f"{path}:{n} is not valid JSON: {e}") from e
         return _column(rows, field, path)
     if suffix in (".tsv", ".csv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        return _column([(reader.line_num, r) for r in reader], field, path)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        try:
+            rows = [(reader.line_num, r) for r in reader]
+        except csv.Error as e:
+            raise PromptError(f"{path}:{reader.line_num} cannot be read as {suffix[1:]}: {e}") from e
+        return _column(rows, field, path)
     raise PromptError(f"unsupported prompt file type {suffix!r} ({path}); accepted: {PROMPT_FORMATS}")
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at \n, \r\n or \r only: str.splitlines also splits at \x1c-\x1e, \x85, \u2028, ... inside prompts."""
+    return re.split(r"\r\n|\r|\n", text)
 
 
 def _column(rows: list[tuple[int, dict]], field: str | None, path: Path) -> list[str]:
