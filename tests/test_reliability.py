@@ -621,3 +621,102 @@ def test_fuzz_arbitrary_prompt_files_give_prompts_or_a_prompt_error(tmp_path_fac
         assert str(path) in str(e) and "\n" not in str(e)
     else:
         assert prompts and all(isinstance(p, str) and p.strip() for p in prompts)
+
+
+# --- the sweep: every subcommand against each class of bad input ---------------------------------------------
+SWEEP = {  # name: (argv with {dense} {pruned} {tmp} {out}, a phrase the one-line error must contain)
+    "inspect/missing": (["inspect", "{tmp}/nope"], "does not exist"),
+    "inspect/no-config": (["inspect", "{tmp}/empty"], "has no config.json"),
+    "inspect/corrupt-config": (["inspect", "{tmp}/badcfg"], "not a valid JSON file"),
+    "apply/plan-missing": (["apply", "{dense}", "--plan", "{tmp}/nope.json", "--out", "{out}"], "does not exist"),
+    "apply/plan-not-json": (["apply", "{dense}", "--plan", "{tmp}/bad.json", "--out", "{out}"], "not valid JSON"),
+    "apply/plan-out-of-range": (["apply", "{dense}", "--plan", "{tmp}/range.json", "--out", "{out}"],
+                                "out of range"),
+    "apply/out-not-empty": (["apply", "{dense}", "--plan", "{tmp}/ok.json", "--out", "{tmp}/full"], "is not empty"),
+    "eval/not-pruned": (["eval", "{dense}", "--prompts", "builtin"], "is not a pruned model"),
+    "eval/no-source": (["eval", "{pruned}", "--prompts", "builtin"], "does not record its dense model"),
+    "eval/limit-0": (["eval", "{pruned}", "--model", "{dense}", "--prompts", "builtin", "--limit", "0"],
+                     "--limit must be >= 1"),
+    "export-onnx/not-pruned": (["export-onnx", "{dense}", "{tmp}/x.onnx"], "is not a pruned model"),
+    "export-onnx/into-a-file": (["export-onnx", "{pruned}", "{tmp}/notes.txt/x.onnx"], "is not a directory"),
+    "export-onnx/a-directory": (["export-onnx", "{pruned}", "{tmp}/empty"], "is a directory"),
+    "export-onnx/exists": (["export-onnx", "{pruned}", "{tmp}/old.onnx"], "exists; choose a new file or pass --overwrite"),
+    "magnitude/target-1.5": (["magnitude", "{dense}", "--target", "1.5", "--out", "{out}"], "must be in [0, 1)"),
+    "magnitude/target-junk": (["magnitude", "{dense}", "--target", "abc", "--out", "{out}"], "give one sparsity"),
+    "magnitude/missing": (["magnitude", "{tmp}/nope", "--target", "0.5", "--out", "{out}"], "does not exist"),
+    "magnitude/out-not-empty": (["magnitude", "{dense}", "--target", "0.5", "--out", "{tmp}/full"], "is not empty"),
+    "search/beam-0": (["search", "{dense}", "--prompts", "builtin", "--sparsity", "0.004", "--beam", "0",
+                       "--out", "{out}"], "--beam must be >= 1"),
+    "search/chunk-0": (["search", "{dense}", "--prompts", "builtin", "--sparsity", "0.004", "--chunk-size", "0",
+                        "--out", "{out}"], "--chunk-size must be >= 1"),
+    "search/limit-negative": (["search", "{dense}", "--prompts", "builtin", "--sparsity", "0.004", "--limit", "-1",
+                               "--out", "{out}"], "--limit must be >= 1"),
+    "search/cache-negative": (["search", "{dense}", "--prompts", "builtin", "--sparsity", "0.004", "--cache-gb",
+                               "-1", "--out", "{out}"], "--cache-gb must be >= 0"),
+    "search/max-length-0": (["search", "{dense}", "--prompts", "builtin", "--sparsity", "0.004", "--max-length",
+                             "0", "--out", "{out}"], "--max-length must be >= 1"),
+    "search/token-range-empty": (["search", "{dense}", "--prompts", "builtin", "--sparsity", "0.004",
+                                  "--min-tokens", "50", "--max-tokens", "10", "--out", "{out}"], "no prompt has"),
+    "search/prompts-a-directory": (["search", "{dense}", "--prompts", "{tmp}/empty", "--sparsity", "0.004",
+                                    "--out", "{out}"], "prompt file"),
+    "search/prompts-unknown-type": (["search", "{dense}", "--prompts", "{tmp}/bad.json", "--sparsity", "0.004",
+                                     "--out", "{out}"], "unsupported prompt file type"),
+    "search/sparsity-nan": (["search", "{dense}", "--prompts", "builtin", "--sparsity", "nan", "--out", "{out}"],
+                            "sparsity must be in (0, 1)"),
+    "search/out-not-empty": (["search", "{dense}", "--prompts", "builtin", "--sparsity", "0.004",
+                              "--out", "{tmp}/full"], "is not empty"),
+    "prune/pruned-as-model": (["prune", "{pruned}", "--prompts", "builtin", "--sparsity", "0.004", "--out", "{out}"],
+                              "is a pruned model"),
+    "compare/unknown-method": (["compare", "{dense}", "--prompts", "builtin", "--sparsity", "0.1", "--methods",
+                                "foo", "--out", "{out}"], "unknown methods"),
+    "compare/sparsity-nan": (["compare", "{dense}", "--prompts", "builtin", "--sparsity", "nan", "--out", "{out}"],
+                             "must be in (0, 1)"),
+    "compare/sparsity-not-a-number": (["compare", "{dense}", "--prompts", "builtin", "--sparsity", "a,b",
+                                       "--out", "{out}"], "comma-separated numbers"),
+    "compare/beam-0": (["compare", "{dense}", "--prompts", "builtin", "--sparsity", "0.004", "--beam", "0",
+                        "--out", "{out}"], "--beam must be >= 1"),
+    "prune-pipeline/not-a-pipeline": (["prune-pipeline", "{dense}", "--prompts", "builtin", "--sparsity", "0.3",
+                                       "--out", "{out}"], "not a diffusers pipeline directory"),
+    "prune-pipeline/plans-missing": (["prune-pipeline", "{dense}", "--plans", "{tmp}/nope.json", "--out", "{out}"],
+                                     "does not exist"),
+    "sweep/missing": (["sweep", "{tmp}/nope", "--target", "model", "--sparsity", "0.3:0.5:0.1", "--prompts",
+                       "builtin", "--out", "{out}"], "does not exist"),
+}
+
+
+@pytest.fixture(scope="module")
+def sweep_tmp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    (tmp / "empty").mkdir()
+    (tmp / "badcfg").mkdir()
+    (tmp / "badcfg" / "config.json").write_text("{bad")
+    (tmp / "bad.json").write_text("not json")
+    (tmp / "range.json").write_text(json.dumps({"skip": [99]}))
+    (tmp / "ok.json").write_text(json.dumps({"skip": [1]}))
+    (tmp / "notes.txt").write_text("a file")
+    (tmp / "old.onnx").write_bytes(b"an earlier export")
+    (tmp / "full").mkdir()
+    (tmp / "full" / "keep.txt").write_text("keep")
+    return tmp
+
+
+@pytest.mark.parametrize("case", sorted(SWEEP))
+def test_sweep_bad_input_is_a_one_line_error_and_writes_nothing(case, dense_dir, pruned_dir, sweep_tmp, tmp_path,
+                                                                capsys):
+    argv, needle = SWEEP[case]
+    out = tmp_path / "out"
+    before = sorted(str(p.relative_to(sweep_tmp)) + str(p.stat().st_size) for p in sweep_tmp.rglob("*"))
+    fill = {"dense": str(dense_dir), "pruned": str(pruned_dir), "tmp": str(sweep_tmp), "out": str(out)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    _one_line_error(capsys, argv[0], needle)
+    assert not out.exists()
+    assert sorted(str(p.relative_to(sweep_tmp)) + str(p.stat().st_size) for p in sweep_tmp.rglob("*")) == before
+
+
+def test_read_prompts_refuses_a_limit_below_one():
+    from skrr_compile.blocksearch.calibration import PromptError, read_prompts
+
+    assert read_prompts(["a", "b", "c"], limit=2) == ["a", "b"]
+    for bad in (0, -1):  # 0 used to mean "all", -1 dropped the last prompt
+        with pytest.raises(PromptError, match="limit must be a number of prompts >= 1"):
+            read_prompts(["a", "b", "c"], limit=bad)

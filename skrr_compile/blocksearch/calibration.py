@@ -43,6 +43,8 @@ def read_prompts(source: str | Path | Sequence[str], field: str | None = None, l
         prompts = builtin_prompts(str(source))
     else:
         prompts = _read_file(Path(source), field)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise PromptError(f"limit must be a number of prompts >= 1 (or None for all), got {limit!r}")
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise PromptError(f"no prompts in {source if not isinstance(source, (list, tuple)) else 'the given list'}")

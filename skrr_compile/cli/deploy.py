@@ -35,6 +35,7 @@ def register(sub) -> None:
                      help="never store weights externally (fails above 2 GiB)")
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file (and its .data)")
     p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser(
@@ -72,12 +73,24 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_inspect_pipeline)
 
 
+def _check_out_file(path: str, overwrite: bool) -> None:
+    """The ONNX file (and <file>.data) must be writable and new, or --overwrite; checked before the export."""
+    out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"{path!r} is a directory; give the ONNX file to write, e.g. {str(out / 'encoder.onnx')!r}")
+    existing = [p for p in (out, out.with_name(out.name + ".data")) if p.exists()]
+    if existing and not overwrite:
+        raise CLIError(f"{str(existing[0])!r} exists; choose a new file or pass --overwrite")
+    check_out_dir(out.parent, may_exist_nonempty=True, label="the folder of the ONNX file")
+
+
 def cmd_export_onnx(args) -> int:
     from skrr_compile.core.storage import read_model_meta
     from skrr_compile.deploy.onnx import OnnxVerificationError, ProviderError, export_onnx
 
     model_dir = existing_dir(args.model_dir)
     read_model_meta(model_dir)  # NotAPrunedModelError (exit 2) before any work
+    _check_out_file(args.onnx_file, args.overwrite)
     try:
         report = export_onnx(
             model_dir, args.onnx_file, fp16=args.fp16, verify=args.verify, atol=args.atol, rtol=args.rtol,

@@ -46,23 +46,23 @@ def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def check_out_dir(path: str | Path, *, may_exist_nonempty: bool = False) -> Path:
+def check_out_dir(path: str | Path, *, may_exist_nonempty: bool = False, label: str = "--out") -> Path:
     """Refuse an output directory that cannot be written, before any work is done; create nothing.
 
     `may_exist_nonempty`: the command itself decides what a non-empty directory may hold (--overwrite, --resume).
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {str(path)!r} exists and is not a directory; give a directory path")
+        raise CLIError(f"{label} {str(path)!r} exists and is not a directory; give a directory path")
     if out.is_dir() and not may_exist_nonempty and any(out.iterdir()):
-        raise CLIError(f"--out {str(path)!r} is not empty; choose a new directory or pass --overwrite")
+        raise CLIError(f"{label} {str(path)!r} is not empty; choose a new directory or pass --overwrite")
     probe = out
     while not probe.exists():  # the nearest existing ancestor must be a writable directory
         probe = probe.parent
     if not probe.is_dir():
-        raise CLIError(f"--out {str(path)!r} cannot be created: {str(probe)!r} is a file, not a directory")
+        raise CLIError(f"{label} {str(path)!r} cannot be created: {str(probe)!r} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {str(path)!r} cannot be written: permission denied on {str(probe)!r}")
+        raise CLIError(f"{label} {str(path)!r} cannot be written: permission denied on {str(probe)!r}")
     return out
 
 

@@ -188,9 +188,22 @@ def _load(model_path: str, tokenizer_dir: str | None = None):
     return path, load_encoder(path), tok
 
 
+def _check_numbers(args) -> None:
+    """Out-of-range numeric options are refused up front (a negative --limit used to drop prompts silently)."""
+    rules = (("limit", 1, "a number of prompts"), ("heldout_limit", 1, "a number of prompts"),
+             ("max_length", 1, "a token count"), ("min_tokens", 0, "a token count"),
+             ("max_tokens", 1, "a token count"), ("chunk_size", 1, "prompts per chunk"), ("beam", 1, "the beam width"),
+             ("cache_gb", 0, "GiB of memory"))
+    for name, low, what in rules:
+        value = getattr(args, name, None)
+        if value is not None and not value >= low:  # `not >=` also refuses nan
+            raise CLIError(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {value}")
+
+
 def _run_search(args, out: Path):
     if not 0.0 < args.sparsity < 1.0:  # cheap checks before loading anything
         raise CLIError(f"sparsity must be in (0, 1), got {args.sparsity}")
+    _check_numbers(args)
     read_prompts(args.prompts, field=args.field, limit=args.limit)
     if args.heldout:
         read_prompts(args.heldout, field=args.heldout_field, limit=args.heldout_limit)
@@ -265,6 +278,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    _check_numbers(args)
     meta = read_model_meta(args.pruned)
     source = args.model or meta.get("source")
     if not source:
@@ -309,6 +323,7 @@ def cmd_compare(args) -> int:
         sparsities = [float(s) for s in args.sparsity.split(",")]
     except ValueError as e:
         raise CLIError(f"--sparsity takes comma-separated numbers, got {args.sparsity!r}") from e
+    _check_numbers(args)
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
