@@ -210,6 +210,7 @@ def test_global_threshold_is_the_kth_smallest_and_counts_are_exact():
         model[0].weight.copy_(torch.randn(30, 40, generator=g) * 0.1)  # small weights: pruned more
         model[2].weight.copy_(torch.randn(20, 30, generator=g) * 1.0)
     before = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    biases = [model[0].bias.detach().clone(), model[2].bias.detach().clone()]
     result = prune(model, MagnitudeConfig(0.6, "global"))
     a = np.sort(np.concatenate([b.abs().numpy().reshape(-1) for b in before]))
     k = n_pruned(a.size, 0.6)
@@ -220,7 +221,7 @@ def test_global_threshold_is_the_kth_smallest_and_counts_are_exact():
     for b, i in zip(before, (0, 2)):
         w = model[i].weight.detach()
         assert (b.abs()[w == 0] <= result.threshold).all() and (b.abs()[w != 0] >= result.threshold).all()
-    assert torch.equal(model[0].bias, model[0].bias)  # biases untouched
+    assert torch.equal(model[0].bias, biases[0]) and torch.equal(model[2].bias, biases[1])  # biases untouched
     assert int((model[0].bias == 0).sum()) == 0
 
 
