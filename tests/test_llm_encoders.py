@@ -417,3 +417,14 @@ def test_builtin_llm_is_smollm2_with_real_weights():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert want.shape[-1] == 576 and float(want.std()) > 0.1
     assert describe_source("builtin-llm")["quantized"]
+
+
+@pytest.mark.parametrize("name", ["phi3", "gemma3_text"])
+def test_llm_fast_search_equals_naive_reference(name):
+    """The staged runner (with Phi-3's chunk/getitem nodes) gives the naive full-forward search's plan and scores."""
+    from test_search import assert_same_as_naive
+    from test_search import calibration as tiny_calibration
+
+    model = LLM_FAMILIES[name].make(seed=4)
+    fast, _ = assert_same_as_naive(model, tiny_calibration(n_chunks=2), sparsity=0.3, beam=2, reuse=True)
+    assert fast.report["sparsity"] >= 0.3

@@ -52,7 +52,8 @@ def _calibration_args(p, heldout: bool = True) -> None:
 
 
 def _search_args(p) -> None:
-    p.add_argument("model", help="HF encoder directory (or 'builtin' for all-MiniLM-L6-v2)")
+    p.add_argument("model", help="HF encoder/checkpoint directory, a .gguf file, 'builtin' (all-MiniLM-L6-v2) "
+                   "or 'builtin-llm' (SmolLM2-135M-Instruct)")
     _calibration_args(p)
     p.add_argument("--sparsity", type=float, required=True, help="fraction of encoder parameters to remove")
     p.add_argument("--method", default="skrr", choices=METHODS)
