@@ -5,6 +5,7 @@ fp16, external data, verification failures, providers and bad input."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +241,27 @@ def test_t5_fp16_export(tmp_path):
     pruned = skrr.apply(t5_encoder(32, layers=1, seed=8), skrr.Plan(skip=[1]))
     report = export_onnx(pruned, tmp_path / "t5_16.onnx", fp16=True, verify=True)
     assert report.dtype == "float16" and report.verification["ok"]
+
+
+@pytest.mark.parametrize("fp16, external", [(True, False), (False, True), (True, True)])
+def test_file_holds_each_weight_once_fp16_and_external_data(t5_export, tmp_path, fp16, external):
+    """The dedup check of test_file_holds_each_weight_once, for fp16 and external-data exports (issue 14)."""
+    _, graph, pruned, _, _ = t5_export
+    path = tmp_path / "t5.onnx"
+    report = export_onnx(pruned, path, fp16=fp16, external_data=external)
+    assert (report.data_path is not None) == external
+    dtype, np_dtype = (onnx.TensorProto.FLOAT16, np.float16) if fp16 else (onnx.TensorProto.FLOAT, np.float32)
+    expected = _unique_bytes_expected(graph, T5_PLAN) // (2 if fp16 else 1)
+    model = onnx.load(str(path))  # reads the external data too
+    weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+               if t.data_type == dtype and np.prod(t.dims) > 1]
+    assert sum(w.nbytes for w in weights) == expected == report.weight_bytes
+    for i, a in enumerate(weights):
+        assert not any(a.shape == b.shape and np.array_equal(a, b) for b in weights[i + 1 :])
+    if external:
+        data = Path(report.data_path)
+        assert abs(data.stat().st_size - expected) / expected < 0.02  # the weights are in the .data file once
+    for name in ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.DenseReluDense.wo.weight"):
+        w0 = _fetch_attr(graph.graph_module, name).detach().numpy().astype(np_dtype)
+        copies = sum(1 for w in weights for v in (w0, w0.T) if w.shape == v.shape and np.array_equal(w, v))
+        assert copies == 1, name
