@@ -182,8 +182,20 @@ def test_t5_in_fp16_partitions_through_the_clamp():
     model = fam.make().to(torch.float16)
     graph = skrr.trace(model)
     assert [b.kind for b in graph.blocks] == ["attn", "ffn"] * 3
+    with torch.no_grad():  # layer 1's FFN output overflows fp16: HF clamps the stream to finfo.max - 1000
+        ff = model.encoder.block[1].layer[1].DenseReluDense
+        for lin in (ff.wi_0, ff.wi_1, ff.wo):
+            lin.weight.mul_(40)
     pruned = skrr.apply(graph, skrr.Plan(skip=[1, 2], reuse={2: 4}))
-    ref = fam.reference(model.float(), [1, 2], {2: 4})
+    ref = fam.reference(model, [1, 2], {2: 4})  # a deep copy, still fp16 (model.float() would convert the
+    overflowed = []                               # shared parameters in place and the fp16 graph would not run)
+    ref.encoder.block[1].layer[1].register_forward_hook(
+        lambda m, a, out: overflowed.append(bool(torch.isinf(out[0] if isinstance(out, tuple) else out).any())))
     ids, mask = inputs(2, 7)
-    got = pruned(ids, attention_mask=mask).last_hidden_state.float()
-    torch.testing.assert_close(got, ref(ids, attention_mask=mask).last_hidden_state, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        got = pruned(ids, attention_mask=mask).last_hidden_state
+        want = ref(ids, attention_mask=mask).last_hidden_state
+    assert overflowed == [True]  # the clamp is exercised, not only traced
+    assert got.dtype == want.dtype == torch.float16 and pruned.dtype == torch.float16
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
