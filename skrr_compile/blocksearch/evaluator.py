@@ -61,14 +61,15 @@ class CacheBudget:
         self.peak = {"device": 0, "host": 0}
         self._held: dict[int, list] = {}  # id -> [tensor, tier, refcount]
 
-    def place(self, t: torch.Tensor) -> torch.Tensor | None:
+    def place(self, t: torch.Tensor, share: float = 1.0) -> torch.Tensor | None:
+        """Hold `t` within `share` of each tier's limit (beam caches: half), or return None."""
         entry = self._held.get(id(t))
         if entry is not None and entry[0] is t:
             entry[2] += 1
             return t
         size = nbytes(t)
         for tier in ("device", "host"):
-            if self.used[tier] + size <= self.limit[tier]:
+            if self.used[tier] + size <= self.limit[tier] * share:
                 self.used[tier] += size
                 self.peak[tier] = max(self.peak[tier], self.used[tier])
                 held = t if tier == "device" else t.to("cpu")
@@ -147,7 +148,8 @@ class Evaluator:
         # beam caches take at most half the budget; the other half keeps the states of candidates being
         # scored, so that survivors become beams without a second forward
         fit = (self.budget.limit["device"] + self.budget.limit["host"]) // max(1, 2 * per_boundary[0] * beam)
-        self.stride = max(1, math.ceil((K - 1) / fit)) if fit > 0 else K  # boundaries 1..K-1 are storable
+        # boundaries 1..K-1 are storable; when not even one fits for every chunk, the chunks that fit keep it
+        self.stride = max(1, math.ceil((K - 1) / max(1, fit)))
         self.per_boundary_bytes = per_boundary[0]
         self.cache_bytes = cache_bytes
         self.states: dict = {}
@@ -162,8 +164,8 @@ class Evaluator:
             return False  # s_0 is recomputed with the prefix; s_K is never a starting point
         return k % self.stride == 0 or k in self.runner.suffix_boundaries
 
-    def _keep(self, into: dict, k: int, h: torch.Tensor) -> bool:
-        placed = self.budget.place(h)
+    def _keep(self, into: dict, k: int, h: torch.Tensor, share: float = 1.0) -> bool:
+        placed = self.budget.place(h, share)
         if placed is None:
             return False
         into[k] = placed
@@ -182,7 +184,7 @@ class Evaluator:
                 h = r.stage(k, h, ctx, config.mode(k))
                 r.counter.recompute_evals += r.counter.block_evals - before
                 if self.stored(k + 1):
-                    self._keep(keep, k + 1, h)
+                    self._keep(keep, k + 1, h, share=0.5)  # beam caches: at most half the budget
             values[c] = keep
             del ctx, h
         return BoundaryCache(config, values)

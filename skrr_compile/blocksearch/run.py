@@ -25,6 +25,7 @@ from skrr_compile.blocksearch.skrr import beam_skip, reuse_phase
 from skrr_compile.blocksearch.target import check_sparsity
 from skrr_compile.core.plan import Plan
 from skrr_compile.core.trace import EncoderGraph, trace
+from skrr_compile.utils.allocator import keep_large_tensors_mmapped
 
 METHODS = ("skrr", "skrr-skip", "finercut", "shortgpt", "laco")
 OFFLOAD_MODES = ("none", "cpu")
@@ -162,6 +163,7 @@ def search(
         print("\n".join(memory.lines()), flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    malloc_tuned = keep_large_tensors_mmapped() if device.type == "cpu" else False
     ev = Evaluator(runner, calibration, projection, select, cache_bytes=cache_bytes,
                    beam=width_k, progress=progress, host_cache_bytes=int(host_cache_gb * (1 << 30)),
                    reference=reference, reference_path=(Path(out_dir) / ".reference.safetensors") if out_dir else None)
@@ -200,6 +202,7 @@ def search(
                   "note": f"every {ev.stride}. boundary of each beam kept ({ev.per_boundary_bytes / 2**20:.1f} MiB each)"},
         "dtype": str(dtype).removeprefix("torch."),
         "memory": {"plan": memory.to_dict(), "cache": ev.budget.to_dict(), "reference": reference,
+                   "malloc_mmap_threshold_fixed": malloc_tuned,
                    "offload": weights.to_dict() if weights is not None else None},
         "calibration": {"prompts": calibration.num_prompts, "truncated": calibration.truncated,
                         "dropped": calibration.dropped, "read": calibration.read,
