@@ -96,6 +96,75 @@ def test_resume_after_interruption_gives_identical_plan(tmp_path, monkeypatch):
     assert resumed.plan.scores == whole.plan.scores
 
 
+def test_resume_continues_where_it_stopped_in_both_phases(tmp_path, monkeypatch):
+    """Resume does only the steps not done yet (a restart from scratch would redo them), in both phases."""
+    model = FAMILIES["t5-gated"].make(seed=4)
+    graph = skrr.trace(model)
+    cal = calibration()
+    real_select, calls = search_mod.Evaluator.select, {"n": 0, "stop": None}
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return real_select(self, *a, **k)
+
+    monkeypatch.setattr(search_mod.Evaluator, "select", counting)
+    whole = search(model, None, cal, sparsity=0.45, progress=False, graph=graph)
+    total, depths = calls["n"], len(whole.report["depth_history"])
+    assert total == depths + len(whole.plan.order) and len(whole.plan.order) >= 2
+    for stop, phase in ((2, "skip"), (depths + 2, "reuse")):
+        out = tmp_path / phase
+        calls.update(n=0, stop=stop)
+        with pytest.raises(KeyboardInterrupt):
+            search(model, None, cal, sparsity=0.45, progress=False, graph=graph, out_dir=out)
+        state = json.loads((out / "search_state.json").read_text())
+        assert state["phase"] == phase
+        calls.update(n=0, stop=None)
+        resumed = search(model, None, cal, sparsity=0.45, progress=False, graph=graph, out_dir=out, resume=True)
+        assert resumed.plan == whole.plan and resumed.plan.scores == whole.plan.scores
+        assert resumed.report["discrepancy"] == whole.report["discrepancy"]
+        assert calls["n"] == total - (stop - 1), phase  # the stop - 1 finished steps are not redone
+
+
+def test_corrupt_search_state_is_refused(tmp_path):
+    model = FAMILIES["t5-gated"].make(seed=4)
+    (tmp_path / "search_state.json").write_text('{"key": "0123", "phase": "sk')
+    with pytest.raises(SearchError, match="not a readable search state"):
+        search(model, None, calibration(), sparsity=0.45, progress=False, out_dir=tmp_path, resume=True)
+    (tmp_path / "search_state.json").write_text("[1, 2]")
+    with pytest.raises(SearchError, match="other inputs"):
+        search(model, None, calibration(), sparsity=0.45, progress=False, out_dir=tmp_path, resume=True)
+
+
+def test_laco_merge_is_not_a_copy_and_lands_in_the_applied_model():
+    """With two following layers the merge theta_b + sum(theta_f - theta_b) differs from every layer's weights."""
+    from skrr_compile.blocksearch.run import materialize
+
+    model = FAMILIES["clip"].make(seed=6)
+    cal = calibration(n_chunks=2)
+    graph = skrr.trace(model)
+    res = search(model, None, cal, sparsity=0.3, method="laco", laco_params={"T": -1.0, "I": 1, "M": 3},
+                 progress=False, graph=graph)
+    assert res.plan.skip == (2, 3, 4, 5)  # base 0, layers 1 and 2 merged into it
+    params = dict(model.named_parameters())
+    assert res.overrides and all(name.startswith("encoder.layers.0.") for name in res.overrides)
+    for name, merged in res.overrides.items():
+        t0, t1, t2 = (params[name.replace("layers.0.", f"layers.{k}.")] for k in range(3))
+        torch.testing.assert_close(merged, t0 + (t1 - t0) + (t2 - t0))
+        if t0.dim() == 2:
+            assert not any(torch.allclose(merged, t) for t in (t0, t1, t2)), name
+    pruned = materialize(graph, res)
+    bound = dict(pruned.graph_module.named_parameters())
+    for name, merged in res.overrides.items():
+        assert torch.equal(bound[name], merged), name
+    ids, mask = cal.chunks[0]
+    with torch.no_grad():
+        plain = skrr.apply(graph, res.plan)(ids, attention_mask=mask).last_hidden_state
+        got = pruned(ids, attention_mask=mask).last_hidden_state
+    assert not torch.allclose(got, plain)  # the merged weights change the output: not a plain skip
+
+
 def test_shortgpt_ranks_layers_by_block_influence():
     fam = FAMILIES["bert"]
     model = fam.make(seed=5)
