@@ -165,6 +165,24 @@ def test_laco_merge_is_not_a_copy_and_lands_in_the_applied_model():
     assert not torch.allclose(got, plain)  # the merged weights change the output: not a plain skip
 
 
+def test_early_abandoning_happens_and_exact_ties_go_to_the_lower_index():
+    """Two attention branches that output zero: skipping either costs exactly 0 (a tie, broken by index), and
+    every other candidate is abandoned once its partial sum passes 0."""
+    model = FAMILIES["t5-gated"].make(seed=4)
+    with torch.no_grad():
+        for layer in (1, 2):
+            model.encoder.block[layer].layer[0].SelfAttention.o.weight.zero_()
+    graph = skrr.trace(model)
+    cal = calibration(n_chunks=4)
+    sparsity = 0.99 * graph.blocks[2].num_params / graph.total_params  # one attention sub-block reaches it
+    fast, scorer = assert_same_as_naive(model, cal, sparsity, beam=1, reuse=False)
+    assert fast.plan.skip == (2,) and fast.plan.scores == (0.0,)
+    counter = fast.report["counter"]
+    others = len(graph.blocks) - 2  # every candidate but the two zero-cost ones
+    assert counter["abandoned"] >= others - 1, counter  # (the first one may be scored before a 0 is complete)
+    assert counter["abandoned"] > 0
+
+
 def test_shortgpt_ranks_layers_by_block_influence():
     fam = FAMILIES["bert"]
     model = fam.make(seed=5)
