@@ -12,9 +12,41 @@ from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
 from skrr_compile.utils.tensors import param_numel
 
 
+def plain_discrepancy(dense, candidate, calibration, projection=None, select=last_hidden_state) -> float:
+    """Eq. 1 from its definition, in float64 with plain torch, on the models' own outputs.
+
+    D = MSE over the calibration prompts + MSE over the null prompt, each the mean of squared differences over
+    every (token, channel) the consumer reads; the prompt MSE is normalised over all chunks together (one mean,
+    not a mean of chunk means). Shares nothing with skrr_compile.blocksearch.discrepancy.
+    """
+    import torch
+
+    def feats(model, ids, mask):
+        with torch.no_grad():
+            h = select(model(ids, attention_mask=mask))
+            return (projection(h) if projection is not None else h).double()
+
+    def sums(ids, mask):
+        read = mask.bool() if calibration.read == "mask" else torch.ones_like(mask, dtype=torch.bool)
+        diff = (feats(dense, ids, mask) - feats(candidate, ids, mask))[read]
+        return float(diff.pow(2).sum()), diff.numel()
+
+    total, count = 0.0, 0
+    for ids, mask in calibration.chunks:
+        s, n = sums(ids, mask)
+        total, count = total + s, count + n
+    null_sum, null_count = sums(*calibration.null)
+    return total / count + null_sum / null_count
+
+
 class NaiveScorer:
-    def __init__(self, model, graph, calibration, projection=None, select=last_hidden_state):
+    """Every candidate a full forward. With `family` (tests/factories.py) the candidates are the hand-patched HF
+    models and D is `plain_discrepancy`: independent of skrr.apply and of the project's Discrepancy."""
+
+    def __init__(self, model, graph, calibration, projection=None, select=last_hidden_state, family=None):
         self.graph = graph
+        self.model, self.calibration, self.projection, self.select = model, calibration, projection, select
+        self.family = family
         self.disc = Discrepancy(model, calibration, projection, select)  # dense reference: the HF model itself
         self.dense_params = param_numel(model)
         self.n_chunks = len(calibration.chunks) + 1
@@ -27,6 +59,9 @@ class NaiveScorer:
     def score(self, skip, reuse=None) -> float:
         self.candidates += 1
         self.block_evals += (len(self.graph.blocks) - len(skip) + len(reuse or {})) * self.n_chunks
+        if self.family is not None:
+            candidate = self.family.reference(self.model, sorted(skip), reuse or {})
+            return plain_discrepancy(self.model, candidate, self.calibration, self.projection, self.select)
         return self.disc.evaluate(self.pruned(skip, reuse)).discrepancy
 
     def removed(self, skip) -> int:

@@ -23,12 +23,13 @@ def calibration(n_chunks=3, batch=4, seq=10, seed=0):
     return Calibration(prompts=["p"] * (n_chunks * batch), chunks=chunks, null=null)
 
 
-def assert_same_as_naive(model, cal, sparsity, beam=3, reuse=True, projection=None):
+def assert_same_as_naive(model, cal, sparsity, beam=3, reuse=True, projection=None, family=None):
+    """family: score the naive reference on hand-patched HF models with its own plain-torch Eq. 1."""
     graph = skrr.trace(model)
     method = "skrr" if reuse else "skrr-skip"
     fast = search(model, None, cal, sparsity=sparsity, method=method, beam=beam, projection=projection,
                   progress=False, graph=graph)
-    scorer = NaiveScorer(model, graph, cal, projection)
+    scorer = NaiveScorer(model, graph, cal, projection, family=family)
     skip, order, history, score = naive_skip_phase(scorer, sparsity, beam)
     assert set(fast.plan.skip) == skip
     assert fast.plan.order == order
@@ -47,14 +48,36 @@ def assert_same_as_naive(model, cal, sparsity, beam=3, reuse=True, projection=No
 @pytest.mark.parametrize("name", ["t5-gated", "clip"])
 def test_fast_search_equals_naive_reference(name):
     model = FAMILIES[name].make(seed=2)
-    fast, scorer = assert_same_as_naive(model, calibration(), sparsity=0.3, reuse=(name == "t5-gated"))
+    fast, scorer = assert_same_as_naive(model, calibration(), sparsity=0.3, reuse=(name == "t5-gated"),
+                                        family=FAMILIES[name])
     assert fast.report["sparsity"] >= 0.3
 
 
 def test_fast_search_equals_naive_with_a_projection():
     model = FAMILIES["bert"].make(seed=3)
     proj = torch.nn.Sequential(torch.nn.Linear(32, 20), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(20, 20))
-    assert_same_as_naive(model, calibration(n_chunks=2), sparsity=0.25, beam=2, projection=proj)
+    assert_same_as_naive(model, calibration(n_chunks=2), sparsity=0.25, beam=2, projection=proj,
+                         family=FAMILIES["bert"])
+
+
+def test_two_argument_discrepancy_equals_the_plain_definition():
+    """Discrepancy(dense, calibration[, projection]) against Eq. 1 computed from the definition (issue 14)."""
+    from search_reference import plain_discrepancy
+
+    from skrr_compile.blocksearch.discrepancy import Discrepancy
+
+    fam = FAMILIES["bert"]
+    model = fam.make(seed=3)
+    cal = calibration(n_chunks=3, batch=3)
+    proj = torch.nn.Sequential(torch.nn.Linear(32, 20), torch.nn.GELU(approximate="tanh"))
+    ref = fam.reference(model, [1, 4], {4: 2})
+    pruned = skrr.apply(model, skrr.Plan(skip=[1, 4], reuse={4: 2}))
+    for projection in (None, proj):
+        want = plain_discrepancy(model, ref, cal, projection)
+        assert want > 0
+        disc = Discrepancy(model, cal) if projection is None else Discrepancy(model, cal, projection)
+        assert disc.evaluate(pruned).discrepancy == pytest.approx(want, rel=1e-6)
+        assert disc.evaluate(ref).discrepancy == pytest.approx(want, rel=1e-6)
 
 
 def test_fast_search_equals_naive_on_real_minilm():
