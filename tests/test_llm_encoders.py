@@ -428,3 +428,19 @@ def test_llm_fast_search_equals_naive_reference(name):
     model = LLM_FAMILIES[name].make(seed=4)
     fast, _ = assert_same_as_naive(model, tiny_calibration(n_chunks=2), sparsity=0.3, beam=2, reuse=True)
     assert fast.report["sparsity"] >= 0.3
+
+
+def test_cli_compare_keys_its_rows_to_the_selected_layer(saved_checkpoints, tmp_path, capsys):
+    from skrr_compile.cli.main import main
+
+    path, _, _ = saved_checkpoints["qwen3"]
+    no_bos_tokenizer().save_pretrained(path)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    base = ["compare", str(path), "--prompts", str(prompts), "--template", TEMPLATE, "--sparsity", "0.1",
+            "--methods", "shortgpt", "--out", str(tmp_path / "cmp"), "--quiet"]
+    assert main(base + ["--hidden-layer", "-2"]) == 0
+    assert main(base + ["--hidden-layer", "-2"]) == 0  # same inputs: continues
+    capsys.readouterr()
+    assert main(base + ["--hidden-layer", "1"]) == 2  # another layer: not the same compare
+    assert "other inputs" in capsys.readouterr().err

@@ -342,7 +342,8 @@ def cmd_compare(args) -> int:
     cal = _calibration(args, tok)
     held = _calibration(args, tok, "heldout_") if args.heldout else None
     key = input_key(graph, cal, beam=args.beam, read=args.read,
-                    heldout=input_key(graph, held) if held is not None else None)
+                    heldout=input_key(graph, held) if held is not None else None,
+                    **{k: v for k, v in (("drop_tokens", args.drop_tokens), ("hidden_layer", args.hidden_layer)) if v})
     rows = _compare_rows(state_path, done_path, key, args.out)
     have = {(r["method"], r["target"]) for r in rows}
     out.mkdir(parents=True, exist_ok=True)
