@@ -4,11 +4,20 @@ before it runs, the next stage's prefetched (on a side stream on CUDA), within a
 The parameters no sub-block owns (embeddings, final norm, T5's position bias) stay on the device. On a
 CPU-only machine the same code path runs with the "device" copies made in host memory, so tests can
 check the budget and the identical result.
+
+offload "cpu": the host copies are the model's own parameters. offload "disk": the model is built on the
+meta device (buffers real) and the host copies are memory-mapped views of the checkpoint's safetensors
+files (`SafetensorsSource`), read only when a stage moves to the device.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import mmap
+import struct
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -19,17 +28,67 @@ class OffloadBudgetError(ValueError):
     """The device budget cannot hold the shared weights plus one stage."""
 
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class SafetensorsSource:
+    """The tensors of a checkpoint's safetensors file(s), as views of a memory map (nothing read up front)."""
+
+    def __init__(self, directory):
+        d = Path(directory)
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (d / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{str(d)!r} has no model.safetensors (or index): --offload disk reads the "
+                                    "checkpoint's safetensors by memory map")
+        self.entries: dict[str, tuple] = {}
+        self._maps = []
+        for name in files:
+            with open(d / name, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps.append(m)
+            for key, e in header.items():
+                if key != "__metadata__":
+                    self.entries[key] = (m, 8 + n + e["data_offsets"][0], e["data_offsets"][1] - e["data_offsets"][0],
+                                         _ST_DTYPES[e["dtype"]], e["shape"])
+
+    def key_for(self, name: str, aliases=()) -> str | None:
+        for cand in (name, *aliases):
+            for key in (cand, f"model.{cand}", f"encoder.{cand}"):
+                if key in self.entries:
+                    return key
+            ends = [k for k in self.entries if k.endswith("." + cand)]
+            if len(ends) == 1:
+                return ends[0]
+        return None
+
+    def get(self, key: str) -> torch.Tensor:
+        m, offset, size, dtype, shape = self.entries[key]
+        flat = torch.frombuffer(m, dtype=torch.uint8, count=size, offset=offset) if size else torch.empty(0, dtype=torch.uint8)
+        return flat.view(dtype).view(shape)
+
+
 class WeightStore:
-    def __init__(self, graph, device, budget_bytes: int | None = None):
+    def __init__(self, graph, device, budget_bytes: int | None = None, source: SafetensorsSource | None = None,
+                 dtype: torch.dtype | None = None, tied: dict | None = None):
         self.device = torch.device(device)
+        self.dtype = dtype
         gm = graph.graph_module
         targets = sorted({n.target for n in gm.graph.nodes if n.op == "get_attr"})
         owner = {p: k for k, b in enumerate(graph.blocks) for p in b.params}
-        self.host = {t: fetch_attr(gm, t) for t in targets}
+        tied = dict(tied or {})  # HF's all_tied_weights_keys: tied name -> the name the checkpoint stores
+        tied.update({v: k for k, v in list(tied.items())})
+        self.host = {t: self._host(gm, t, source, tied) for t in targets}
         self.groups: dict = {k: [t for t in targets if owner.get(t) == k] for k in range(len(graph.blocks))}
         shared = [t for t in targets if t not in owner]
-        size = lambda names: sum(self.host[t].numel() * self.host[t].element_size()  # noqa: E731
-                                 for t in names if isinstance(self.host[t], torch.Tensor))
+        size = lambda names: sum(self._nbytes(self.host[t]) for t in names)  # noqa: E731
         self.group_bytes = {k: size(v) for k, v in self.groups.items()}
         self.shared_bytes = size(shared)
         largest = max(self.group_bytes.values(), default=0)
@@ -47,12 +106,39 @@ class WeightStore:
         self.used = self.peak = self.shared_bytes
         self.loads = 0
 
+    def _nbytes(self, t) -> int:
+        if not isinstance(t, torch.Tensor):
+            return 0
+        dtype = self.dtype if (self.dtype is not None and t.is_floating_point()) else t.dtype
+        return t.numel() * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
+    def _host(gm, target: str, source: SafetensorsSource | None, tied: dict):
+        t = fetch_attr(gm, target)
+        if source is None or not (isinstance(t, torch.Tensor) and t.is_meta):
+            return t
+        key = source.key_for(target, (*_aliases(gm).get(target, ()), *([tied[target]] if target in tied else [])))
+        if key is None:
+            raise KeyError(f"the checkpoint has no tensor for {target!r} (shape {list(t.shape)}); "
+                           "--offload disk needs every parameter in the checkpoint's safetensors")
+        host = source.get(key)
+        if list(host.shape) != list(t.shape):
+            raise ValueError(f"checkpoint tensor {key!r} has shape {list(host.shape)}, the model expects "
+                             f"{list(t.shape)} for {target!r}")
+        return host
+
+    def host_tensor(self, target: str) -> torch.Tensor:
+        """The host value of a parameter in the search dtype (for binding a saved result)."""
+        t = self.host[target]
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
     def _copy(self, t):
         if not isinstance(t, torch.Tensor):
             return t
-        if self.device.type == "cpu":
-            return t.detach().clone()  # a separate "device" allocation, so the budget is real here too
-        return t.detach().to(self.device, non_blocking=True)
+        dtype = self.dtype if (self.dtype is not None and t.is_floating_point()) else t.dtype
+        if self.device.type == "cpu":  # a separate "device" allocation, so the budget is real here too
+            return t.detach().to(dtype=dtype, copy=True)
+        return t.detach().to(self.device, dtype=dtype, non_blocking=True)
 
     def _load(self, k) -> dict:
         need = self.group_bytes[k]
@@ -101,3 +187,29 @@ class WeightStore:
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget, "shared_bytes": self.shared_bytes, "peak_bytes": self.peak,
                 "stage_loads": self.loads}
+
+
+@functools.lru_cache(maxsize=8)
+def _alias_table(gm) -> dict[str, tuple[str, ...]]:
+    groups: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: tuple(x for x in names if x != n) for names in groups.values() for n in names}
+
+
+def _aliases(gm) -> dict[str, tuple[str, ...]]:
+    return _alias_table(gm)
+
+
+def source_digest(directory) -> str:
+    """Identifies a checkpoint's safetensors without reading the weights: names, sizes, headers, mtimes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            h.update(fh.read(n))
+    return h.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.evaluator import Evaluator
 from skrr_compile.blocksearch.laco import LACO_DEFAULTS, laco
 from skrr_compile.blocksearch.memory import chunk_shapes_of, measured_peak, plan_memory
-from skrr_compile.blocksearch.offload import OffloadBudgetError, WeightStore
+from skrr_compile.blocksearch.offload import OffloadBudgetError, SafetensorsSource, WeightStore, source_digest
 from skrr_compile.blocksearch.reference import PLACEMENTS
 from skrr_compile.blocksearch.runner import Config, StagedRunner
 from skrr_compile.blocksearch.selectors import output_selector, with_hidden_states
@@ -26,9 +27,10 @@ from skrr_compile.blocksearch.target import check_sparsity
 from skrr_compile.core.plan import Plan
 from skrr_compile.core.trace import EncoderGraph, trace
 from skrr_compile.utils.allocator import keep_large_tensors_mmapped
+from skrr_compile.utils.tensors import retarget_devices
 
 METHODS = ("skrr", "skrr-skip", "finercut", "shortgpt", "laco")
-OFFLOAD_MODES = ("none", "cpu")
+OFFLOAD_MODES = ("none", "cpu", "disk")
 
 
 
@@ -38,6 +40,7 @@ class SearchResult:
     plan: Plan
     report: dict
     overrides: dict = field(default_factory=dict)  # LaCo: merged parameter values by name
+    weights: object = None  # offload "disk": the WeightStore whose host tensors hold the weights
 
 
 # --- entry point ----------------------------------------------------------------------------------------
@@ -88,6 +91,7 @@ def search(
     offload: str = "none",
     device: str | torch.device | None = None,
     device_budget_gb: float | None = None,
+    weights_path: str | Path | None = None,
 ) -> SearchResult:
     """Find a plan that removes at least `sparsity` of the encoder's parameters (paper accounting).
 
@@ -99,8 +103,9 @@ def search(
     another dtype is searched as a converted copy; discrepancy sums accumulate in fp32), `reference`
     device|cpu|disk (where the projected dense reference lives), `cache_gb` boundary states on the device,
     `host_cache_gb` more of them spilled to host memory (CUDA; default min(16, cache_gb * 4)), `offload`
-    none|cpu (weights stay on the host; each stage's are copied to `device` as it runs, within
-    `device_budget_gb`). The memory plan is printed at the start and kept in the report with the measured
+    none|cpu|disk (weights stay on the host, or with disk in the checkpoint's safetensors under
+    `weights_path`, read by memory map, the model itself on the meta device; each stage's are copied to
+    `device` as it runs, within `device_budget_gb`). The memory plan is printed at the start and kept in the report with the measured
     peak.
     """
     if method not in METHODS:
@@ -117,8 +122,11 @@ def search(
     if reference not in PLACEMENTS:
         raise SearchError(f"reference must be one of {', '.join(PLACEMENTS)}, got {reference!r}")
     if offload not in OFFLOAD_MODES:
-        raise SearchError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}"
-                          + ("; disk offload is not implemented yet" if offload == "disk" else ""))
+        raise SearchError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+    if offload == "disk" and weights_path is None:
+        raise SearchError("offload='disk' needs weights_path: the checkpoint directory whose safetensors are read")
+    if offload == "disk" and method == "laco":
+        raise SearchError("LaCo merges weights in memory: use offload='cpu' or 'none' for method laco")
     model_device = next(iter((graph.graph_module if graph is not None else model).parameters())).device
     device = torch.device(device) if device is not None else model_device
     if offload == "none" and device != model_device:
@@ -136,7 +144,8 @@ def search(
     width = "finercut" if method == "finercut" else beam
     key = input_key(graph, calibration, sparsity=sparsity, method=method, beam=width, read=read,
                      laco=laco_params, projection=_describe(projection),
-                     **_selection_key(select, calibration.drop_tokens))
+                     **_selection_key(select, calibration.drop_tokens),
+                     **({"weights_source": source_digest(weights_path)} if offload == "disk" else {}))
     ckpt = Checkpoint(Path(out_dir) / STATE_FILE if out_dir else None, key, resume)
     if ckpt.state.get("phase") == "done":  # LaCo's merged weights are in a file next to the state
         device = next(iter(graph.graph_module.parameters())).device
@@ -146,11 +155,16 @@ def search(
     weights = None
     if offload != "none":
         budget = int(device_budget_gb * (1 << 30)) if device_budget_gb is not None else None
+        # device constants baked in at trace time (arange(device=...), .to(device)) follow the search device
+        run_graph = dataclasses.replace(graph, graph_module=graph.copy_graph_module())
+        retarget_devices(run_graph.graph_module, device)
+        tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
         try:
-            weights = WeightStore(graph, device, budget)
-        except OffloadBudgetError as e:
-            raise SearchError(str(e)) from e
-    runner = StagedRunner(graph, weights=weights)
+            source = SafetensorsSource(weights_path) if offload == "disk" else None
+            weights = WeightStore(run_graph, device, budget, source=source, dtype=dtype, tied=tied)
+        except (OffloadBudgetError, FileNotFoundError, KeyError, ValueError) as e:
+            raise SearchError(str(e).strip("'\"")) from e
+    runner = StagedRunner(run_graph if weights is not None else graph, weights=weights)
     runner.restrict_outputs(select)
     cache_bytes = int(cache_gb * (1 << 30))
     if host_cache_gb is None:
@@ -220,7 +234,7 @@ def search(
     if progress:
         print(f"measured peak device memory: {peak['bytes'] / (1 << 30):.2f} GiB ({peak['what']}; "
               f"estimated {memory.peak / (1 << 30):.2f} GiB)", flush=True)
-    result = SearchResult(plan, report, overrides)
+    result = SearchResult(plan, report, overrides, weights if offload == "disk" else None)
     ckpt.save(phase="done", plan=plan.to_dict(), report=report)
     return result
 
@@ -305,6 +319,10 @@ def materialize(graph: EncoderGraph, result: SearchResult):
     from skrr_compile.utils.tensors import bind_tensors, named_tensors
 
     pruned = apply(graph, result.plan)
+    if result.weights is not None:  # a meta-device model searched with offload="disk": bind the checkpoint's
+        tensors = named_tensors(pruned.graph_module)
+        bind_tensors(pruned.graph_module, {k: (result.weights.host_tensor(k) if v.is_meta else v)
+                                           for k, v in tensors.items()})
     if result.overrides:
         tensors = named_tensors(pruned.graph_module)
         tensors.update({k: v.clone() for k, v in result.overrides.items()})

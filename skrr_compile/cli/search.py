@@ -15,6 +15,7 @@ from skrr_compile.blocksearch.laco import save_plan
 from skrr_compile.blocksearch.report import write_report
 from skrr_compile.blocksearch.run import (
     METHODS,
+    SearchResult,
     heldout_report,
     materialize,
     prepare_calibration,
@@ -25,6 +26,7 @@ from skrr_compile.blocksearch.selectors import output_selector, parse_layers
 from skrr_compile.blocksearch.target import check_sparsity
 from skrr_compile.cli.main import CLIError, check_out_dir
 from skrr_compile.core.checkpoints import describe_source, load_encoder, load_tokenizer, resolve_model_path
+from skrr_compile.core.plan import Plan
 from skrr_compile.core.storage import load, read_model_meta, save
 from skrr_compile.core.trace import trace
 from skrr_compile.utils.files import atomic_write_text
@@ -74,8 +76,9 @@ def _memory_args(p) -> None:
     g.add_argument("--reference", default="device", choices=["device", "cpu", "disk"],
                    help="where the projected dense reference lives (disk: safetensors read by memory map)")
     g.add_argument("--host-cache-gb", type=float, help="more boundary states spilled to host memory (CUDA)")
-    g.add_argument("--offload", default="none", choices=["none", "cpu"],
-                   help="cpu: weights stay in host memory, each stage's copied to the device as it runs")
+    g.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                   help="cpu: weights stay in host memory, each stage's copied to the device as it runs; "
+                        "disk: read from the checkpoint's safetensors by memory map (the model is never loaded)")
     g.add_argument("--device-budget-gb", type=float, help="with --offload: device memory the weights may use")
     g.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device (no weights), print the memory plan, exit")
@@ -83,7 +86,8 @@ def _memory_args(p) -> None:
 
 def _memory_kwargs(args) -> dict:
     return {"dtype": args.dtype, "reference": args.reference, "host_cache_gb": args.host_cache_gb,
-            "offload": args.offload, "device": _device(args), "device_budget_gb": args.device_budget_gb}
+            "offload": args.offload, "device": _device(args), "device_budget_gb": args.device_budget_gb,
+            "weights_path": resolve_model_path(args.model) if args.offload == "disk" else None}
 
 
 def _device(args) -> str:
@@ -181,12 +185,41 @@ def _calibration(args, tok, prefix: str = ""):
     )
 
 
-def _load(model_path: str, tokenizer_dir: str | None = None):
+def _load(model_path: str, tokenizer_dir: str | None = None, args=None):
     path = resolve_model_path(model_path)
     tok = load_tokenizer(tokenizer_dir or path)
     if tok is None:
         raise CLIError(f"{model_path!r} has no tokenizer files; the CLI needs one to tokenize prompts")
-    return path, load_encoder(path), tok
+    if args is None or not hasattr(args, "offload"):
+        return path, load_encoder(path), tok
+    import torch
+
+    from skrr_compile.blocksearch.run import resolve_dtype
+
+    dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, torch.device(_device(args)))
+    if args.offload == "disk":
+        return path, empty_encoder(path, dtype), tok
+    return path, load_encoder(path, dtype=dtype), tok
+
+
+def empty_encoder(path, dtype):
+    """The encoder built from its config with parameters on the meta device and real buffers: with
+    --offload disk the weights are read from the checkpoint's safetensors by memory map instead."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    from skrr_compile.core.checkpoints import encoder_architecture, load_config, refuse_pruned_dir
+
+    if not path.is_dir():
+        raise CLIError(f"--offload disk needs a checkpoint directory with safetensors, got {str(path)!r}")
+    refuse_pruned_dir(path)
+    config = load_config(path)
+    cls = getattr(transformers, encoder_architecture(config))
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+    model.tie_weights()  # as from_pretrained does, so tied embeddings are one tensor, counted once
+    model = model.to(dtype)  # meta parameters and floating buffers in the search dtype
+    return model.eval()
 
 
 def _check_numbers(args) -> None:
@@ -208,7 +241,7 @@ def _run_search(args, out: Path):
     read_prompts(args.prompts, field=args.field, limit=args.limit)
     if args.heldout:
         read_prompts(args.heldout, field=args.heldout_field, limit=args.heldout_limit)
-    path, model, tok = _load(args.model, args.tokenizer)
+    path, model, tok = _load(args.model, args.tokenizer, args)
     graph = trace(model)
     cal = _calibration(args, tok)
     held_cal = _calibration(args, tok, "heldout_") if args.heldout else None
@@ -218,7 +251,8 @@ def _run_search(args, out: Path):
                     resume=args.resume, progress=not args.quiet, cache_gb=args.cache_gb, graph=graph,
                     hidden_layer=args.hidden_layer, **_memory_kwargs(args))
     pruned = materialize(graph, result)
-    held = heldout_report(model, pruned, held_cal, select=output_selector(args.hidden_layer)) if args.heldout else None
+    dense = model if result.weights is None else materialize(graph, SearchResult(Plan(), {}, {}, result.weights))
+    held = heldout_report(dense, pruned, held_cal, select=output_selector(args.hidden_layer)) if args.heldout else None
     row = result_row(graph, result, pruned, held)
     return path, model, tok, graph, result, pruned, row
 
