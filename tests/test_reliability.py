@@ -720,3 +720,34 @@ def test_read_prompts_refuses_a_limit_below_one():
     for bad in (0, -1):  # 0 used to mean "all", -1 dropped the last prompt
         with pytest.raises(PromptError, match="limit must be a number of prompts >= 1"):
             read_prompts(["a", "b", "c"], limit=bad)
+
+
+def test_loading_a_pruned_pipeline_does_not_warn_about_the_encoder_type(tmp_path, capfd):
+    from diffusers import DiffusionPipeline
+    from pipeline_factories import make_pixart
+
+    import skrr_compile as skrr
+    from skrr_compile.deploy.pipelines import apply_to_pipeline
+    from skrr_compile.deploy.pipelines.storage import save_pipeline
+
+    pipe = make_pixart()
+    apply_to_pipeline(pipe, {"text_encoder": skrr.Plan(skip=[1])})
+    save_pipeline(pipe, tmp_path / "pp")
+    capfd.readouterr()
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pp")
+    assert type(loaded.text_encoder).__name__ == "PrunedTextEncoder"
+    err = capfd.readouterr().err
+    assert "Expected types for" not in err, err
+    import logging  # the filter drops only that record: other warnings of the logger still pass
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    lg = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    lg.addHandler(handler)
+    try:
+        lg.warning("Expected types for unet: (A,), got B.")
+        lg.warning("Expected types for text_encoder: (T5EncoderModel,), got PrunedTextEncoder.")
+    finally:
+        lg.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["Expected types for unet: (A,), got B."]

@@ -30,3 +30,26 @@ def dependency_warnings_silenced():
         finally:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, starts: str, contains: str):
+        super().__init__()
+        self.starts, self.contains = starts, contains
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - never break the caller's logging
+            return True
+        return not (msg.startswith(self.starts) and self.contains in msg)
+
+
+def drop_log_records(logger: str, starts: str, contains: str) -> None:
+    """Drop one dependency logger's records that start with `starts` and mention `contains` (idempotent).
+
+    Narrow by construction: other records of that logger, and every other logger, are untouched.
+    """
+    lg = logging.getLogger(logger)
+    if not any(isinstance(f, _DropRecords) and (f.starts, f.contains) == (starts, contains) for f in lg.filters):
+        lg.addFilter(_DropRecords(starts, contains))

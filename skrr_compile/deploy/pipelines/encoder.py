@@ -7,6 +7,7 @@ import torch
 from skrr_compile.core.encoder import PrunedEncoder
 from skrr_compile.core.storage import load as load_pruned
 from skrr_compile.core.storage import save as save_pruned
+from skrr_compile.utils.quiet import drop_log_records
 
 SUPPORTED_PIPELINES = {
     "PixArtAlphaPipeline": "pixart",
@@ -43,6 +44,11 @@ class NoTextEncoderError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 # the pruned encoder as a diffusers pipeline component
 # ---------------------------------------------------------------------------------------------------
+# diffusers checks loaded components against the pipeline's type hints (T5EncoderModel, CLIPTextModel) and warns
+# on every load of a pruned pipeline; PrunedTextEncoder is a drop-in for them. Only that warning is dropped.
+drop_log_records("diffusers.pipelines.pipeline_utils", "Expected types for", "PrunedTextEncoder")
+
+
 class PrunedTextEncoder(PrunedEncoder):
     """A PrunedEncoder that diffusers can save and load as a pipeline component.
 
