@@ -45,7 +45,7 @@ class Checkpoint:
 
     def save(self, **state) -> None:
         self.state.update(state)
-        if self.path is not None:
+        if self.path is not None and getattr(self, "writable", True):  # distributed: rank 0 writes
             atomic_write_text(self.path, json.dumps({"key": self.key, **self.state}, indent=1))
 
     # tensors that belong to the state (LaCo's merged weights): a safetensors file next to it --------------
@@ -54,7 +54,7 @@ class Checkpoint:
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Write `tensors` next to the state; the next `save` records their digest (call it right after)."""
-        if self.path is None:
+        if self.path is None or not getattr(self, "writable", True):
             return
         path = self._tensor_path(name)
         digest = write_tensors_atomically(path, tensors)

@@ -140,17 +140,26 @@ class Discrepancy:
         return sum(s / c for s, c in zip(self._sums(chunk, output), counts))
 
     @torch.no_grad()
-    def report(self, chunk_outputs: Sequence, null_output) -> DiscrepancyReport:
-        prompt_sums = [0.0] * len(self.null_reference)
-        cos_sum, cos_n = 0.0, 0
+    def report_parts(self, chunk_outputs: Sequence) -> list[tuple[list[float], float, int]]:
+        """Per chunk: (squared-error sums per output, cosine sum, counted tokens), for `report_from_parts`."""
+        parts = []
         for k, out in enumerate(chunk_outputs):
-            for i, s in enumerate(self._sums(k, out)):
-                prompt_sums[i] += s
             f = self.project(0, self.features(out)[0]).double()
             m = self._mask_for(f, self.masks[k])
             cos = torch.nn.functional.cosine_similarity(f, self.reference[k][0].double(), dim=-1)
-            cos_sum += float(cos[m].sum())
-            cos_n += int(m.sum())
+            parts.append((self._sums(k, out), float(cos[m].sum()), int(m.sum())))
+        return parts
+
+    @torch.no_grad()
+    def report_from_parts(self, parts: Sequence, null_output) -> DiscrepancyReport:
+        """The report from every chunk's parts, summed in the order given (the global chunk order)."""
+        prompt_sums = [0.0] * len(self.null_reference)
+        cos_sum, cos_n = 0.0, 0
+        for sums, c_sum, c_n in parts:
+            for i, s in enumerate(sums):
+                prompt_sums[i] += s
+            cos_sum += c_sum
+            cos_n += c_n
         null_sums = self._sums(None, null_output)
         mse_p = sum(s / c for s, c in zip(prompt_sums, self.prompt_counts))
         mse_n = sum(s / c for s, c in zip(null_sums, self.null_counts))
@@ -165,6 +174,9 @@ class Discrepancy:
             null_norm_ratio=float(f_null[m].norm()) / dense_norm if dense_norm > 0 else float("nan"),
             backend=self.backend,
         )
+
+    def report(self, chunk_outputs: Sequence, null_output) -> DiscrepancyReport:
+        return self.report_from_parts(self.report_parts(chunk_outputs), null_output)
 
     @torch.no_grad()
     def evaluate(self, fn: Callable) -> DiscrepancyReport:

@@ -11,6 +11,7 @@ so the bar is set early.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import math
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import torch
 
 from skrr_compile.blocksearch.calibration import Calibration
 from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
+from skrr_compile.blocksearch.distributed import Solo, fold, shard
 from skrr_compile.blocksearch.runner import Config, StagedRunner
 from skrr_compile.utils.progress import progress_bar
 
@@ -122,11 +124,21 @@ class Evaluator:
     def __init__(self, runner: StagedRunner, calibration: Calibration, projection=None,
                  select: Callable = last_hidden_state, cache_bytes: int = 4 << 30, beam: int = 3,
                  progress: bool = False, host_cache_bytes: int = 0, reference: str = "device",
-                 reference_path=None):
+                 reference_path=None, group=None):
         self.runner = runner
-        self.progress = progress
+        self.group = group or Solo()
+        self.progress = progress and self.group.is_writer
         runner.restrict_outputs(select)
-        self.chunks = [-1] + list(range(len(calibration.chunks)))  # -1: the null prompt, scored first
+        g = self.group
+        n_total = len(calibration.chunks)
+        mine = shard(n_total, g.rank, g.world)  # this rank's prompt chunks (global indices)
+        if g.world > 1:
+            calibration = dataclasses.replace(calibration, chunks=[calibration.chunks[i] for i in mine])
+        self.global_id = {-1: -1, **dict(enumerate(mine))}  # local chunk -> global chunk
+        # the null prompt (-1) is scored once, on rank 0; every rank knows it for reports
+        self.chunks = ([-1] if g.rank == 0 else []) + list(range(len(mine)))
+        # a candidate is complete after as many rounds as the largest shard has chunks (a round: one per rank)
+        self.rounds = max((r == 0) + len(shard(n_total, r, g.world)) for r in range(g.world))
         self.inputs = {-1: calibration.null, **dict(enumerate(calibration.chunks))}
         self.disc = Discrepancy(calibration, projection, select)
         per_boundary = [0]
@@ -142,6 +154,9 @@ class Evaluator:
         self.disc.set_reference(dense_outputs([c for c in self.chunks if c >= 0]), null_out,
                                 placement=reference, path=reference_path)
         del null_out
+        if g.world > 1:  # token counts over every rank's chunks (integers: exact in any order)
+            counts = g.gather_objects(self.disc.prompt_counts)
+            self.disc.prompt_counts = [float(sum(int(c[i]) for c in counts)) for i in range(len(counts[0]))]
         K = runner.num_blocks
         device = calibration.null[0].device
         self.budget = CacheBudget(device, cache_bytes, host_cache_bytes)
@@ -244,7 +259,8 @@ class Evaluator:
         for i in list(self.states):
             self._drop_state(i)
         finished = sorted(complete)
-        bar = progress_bar(total=len(cands) * len(self.chunks), desc=desc, disable=not self.progress, unit="chunk")
+        received: list[list] = [[] for _ in cands]  # (global chunk, share of D) from every rank
+        bar = progress_bar(total=len(cands) * self.rounds, desc=desc, disable=not self.progress, unit="round")
         while heap:
             lower, prio, i = heapq.heappop(heap)
             if len(finished) >= k and lower > finished[k - 1][0]:
@@ -254,16 +270,20 @@ class Evaluator:
                 self._drop_state(i)
                 break
             config, start, parent, tie, _ = cands[i]
-            c = self.chunks[progress[i]]
-            keep = {} if (i in self.states or progress[i] == 0) else None
-            partial[i] += self.chunk_contribution(config, start, parent, c, keep)
-            if keep is not None:
-                self.states.setdefault(i, {})[c] = keep
-                if keep.get("incomplete"):
-                    self._drop_state(i)  # out of budget: this candidate would be recomputed as a beam
+            pair = None
+            if progress[i] < len(self.chunks):
+                c = self.chunks[progress[i]]
+                keep = {} if (i in self.states or progress[i] == 0) else None
+                pair = (float(self.global_id[c]), self.chunk_contribution(config, start, parent, c, keep))
+                if keep is not None:
+                    self.states.setdefault(i, {})[c] = keep
+                    if keep.get("incomplete"):
+                        self._drop_state(i)  # out of budget: this candidate would be recomputed as a beam
+            received[i] += self.group.gather_pairs(pair)
+            partial[i] = fold(received[i])  # in global chunk order: a lower bound, and at the end D itself
             progress[i] += 1
             bar.update(1)
-            if progress[i] == len(self.chunks):
+            if progress[i] == self.rounds:
                 done[i] = partial[i]
                 bisect.insort(finished, (partial[i], tie))
                 bar.set_postfix(best=f"{finished[0][0]:.4g}", scored=len(done))
@@ -297,6 +317,13 @@ class Evaluator:
                         values[c][k] = placed
             values[c].update(kept[c])
         return BoundaryCache(config, values)
+
+    def report(self, config: Config) -> dict:
+        """The discrepancy report of `config` over every rank's chunks, folded in global chunk order."""
+        outs, null = self.outputs(config)
+        parts = [(self.global_id[k], part) for k, part in enumerate(self.disc.report_parts(outs))]
+        everything = [p for rank_parts in self.group.gather_objects(parts) for p in rank_parts]
+        return self.disc.report_from_parts([part for _, part in sorted(everything, key=lambda p: p[0])], null)
 
     def outputs(self, config: Config):
         """(chunk outputs, null output) of `config` on the calibration set, for reports."""

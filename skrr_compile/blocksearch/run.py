@@ -13,6 +13,7 @@ import torch
 from skrr_compile.blocksearch.calibration import Calibration, read_prompts, tokenize
 from skrr_compile.blocksearch.checkpoint import STATE_FILE, Checkpoint, input_key
 from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
+from skrr_compile.blocksearch.distributed import current_group
 from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.evaluator import Evaluator
 from skrr_compile.blocksearch.laco import LACO_DEFAULTS, laco
@@ -146,7 +147,13 @@ def search(
                      laco=laco_params, projection=_describe(projection),
                      **_selection_key(select, calibration.drop_tokens),
                      **({"weights_source": source_digest(weights_path)} if offload == "disk" else {}))
+    group = current_group()
+    if group.world > 1 and method == "laco":
+        raise SearchError("LaCo is not distributed yet (its merges are scored on every chunk in memory); run it "
+                          "in one process")
     ckpt = Checkpoint(Path(out_dir) / STATE_FILE if out_dir else None, key, resume)
+    ckpt.state = group.broadcast_object(ckpt.state)  # every rank resumes from what rank 0 read
+    ckpt.writable = group.is_writer  # one writer: rank 0
     if ckpt.state.get("phase") == "done":  # LaCo's merged weights are in a file next to the state
         device = next(iter(graph.graph_module.parameters())).device
         return SearchResult(Plan.from_dict(ckpt.state["plan"]), ckpt.state["report"],
@@ -178,9 +185,11 @@ def search(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     malloc_tuned = keep_large_tensors_mmapped() if device.type == "cpu" else False
-    ev = Evaluator(runner, calibration, projection, select, cache_bytes=cache_bytes,
+    progress = progress and group.is_writer  # bars and logs on rank 0 only
+    ev = Evaluator(runner, calibration, projection, select, cache_bytes=cache_bytes, group=group,
                    beam=width_k, progress=progress, host_cache_bytes=int(host_cache_gb * (1 << 30)),
-                   reference=reference, reference_path=(Path(out_dir) / ".reference.safetensors") if out_dir else None)
+                   reference=reference, reference_path=(Path(out_dir) / (".reference.safetensors" if group.world == 1 else
+                                                     f".reference.rank{group.rank}.safetensors")) if out_dir else None)
     report: dict = {"method": method, "target_sparsity": sparsity, "beam": 1 if method == "finercut" else beam}
     overrides: dict = {}
     if method in ("skrr", "skrr-skip", "finercut"):
@@ -224,8 +233,12 @@ def search(
                         "select": getattr(select, "__name__", None) or repr(select)},
     })
     with runner.overridden(overrides):
-        outs, null = ev.outputs(Config(frozenset(plan.skip), tuple(sorted(plan.reuse.items()))))
-        report["calibration_report"] = ev.disc.report(outs, null).to_dict()
+        report["calibration_report"] = ev.report(Config(frozenset(plan.skip), tuple(sorted(plan.reuse.items())))).to_dict()
+    per_rank = group.gather_objects({"rank": group.rank, "seconds": time.perf_counter() - t0,
+                                     "chunks": len(ev.chunks), **runner.counter.to_dict()})
+    report["distributed"] = {"world_size": group.world, "ranks": per_rank}
+    if group.world > 1:  # the search's cost over all ranks
+        report["counter"] = {k: sum(r[k] for r in per_rank) for k in runner.counter.to_dict()}
     if method != "laco":
         report["discrepancy"] = report["calibration_report"]["discrepancy"]
     peak = measured_peak(device)

@@ -14,10 +14,11 @@ def shortgpt(graph: EncoderGraph, ev: Evaluator, target: int) -> tuple[list[int]
     """Whole layers ranked once by block influence BI = 1 - cos(h_in, h_out), padding masked."""
     r = ev.runner
     n_layers = len(graph.blocks) // 2
-    bi_sum, count = [0.0] * n_layers, 0
+    parts = []  # per chunk: (global chunk, BI sums per layer, tokens), folded in global order below
     for c in ev.chunks:
         if c < 0:
             continue
+        chunk_bi = [0.0] * n_layers
         ctx = ev.context(c)
         mask = ev.disc.masks[c]
         h = ctx["s0"]
@@ -27,8 +28,13 @@ def shortgpt(graph: EncoderGraph, ev: Evaluator, target: int) -> tuple[list[int]
             states.append(h)
         for layer in range(n_layers):
             cos = torch.nn.functional.cosine_similarity(states[2 * layer].double(), states[2 * layer + 2].double(), -1)
-            bi_sum[layer] += float((1 - cos)[mask].sum())
-        count += int(mask.sum())
+            chunk_bi[layer] += float((1 - cos)[mask].sum())
+        parts.append((ev.global_id[c], chunk_bi, int(mask.sum())))
+    bi_sum, count = [0.0] * n_layers, 0
+    for _, chunk_bi, n in sorted(p for rank_parts in ev.group.gather_objects(parts) for p in rank_parts):
+        for layer in range(n_layers):
+            bi_sum[layer] += chunk_bi[layer]
+        count += n
     bi = [s / max(count, 1) for s in bi_sum]
     ranking = sorted(range(n_layers), key=lambda layer: (bi[layer], layer))
     skip: list[int] = []

@@ -80,6 +80,8 @@ def _memory_args(p) -> None:
                    help="cpu: weights stay in host memory, each stage's copied to the device as it runs; "
                         "disk: read from the checkpoint's safetensors by memory map (the model is never loaded)")
     g.add_argument("--device-budget-gb", type=float, help="with --offload: device memory the weights may use")
+    g.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
     g.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device (no weights), print the memory plan, exit")
 
@@ -246,7 +248,8 @@ def _run_search(args, out: Path):
     cal = _calibration(args, tok)
     held_cal = _calibration(args, tok, "heldout_") if args.heldout else None
     check_sparsity(graph, args.sparsity)  # unreachable targets fail here, before --out exists
-    out.mkdir(parents=True, exist_ok=True)  # only now that every input has been checked
+    if getattr(args, "_writer", True):
+        out.mkdir(parents=True, exist_ok=True)  # only now that every input has been checked
     result = search(model, tok, cal, sparsity=args.sparsity, method=args.method, beam=args.beam, out_dir=out,
                     resume=args.resume, progress=not args.quiet, cache_gb=args.cache_gb, graph=graph,
                     hidden_layer=args.hidden_layer, **_memory_kwargs(args))
@@ -267,11 +270,36 @@ def _prepare_out(args) -> Path:
     return out
 
 
+def _join_group(args):
+    """Under torchrun: join the process group (gloo on CPU, NCCL on CUDA); otherwise a single process."""
+    from skrr_compile.blocksearch.distributed import init_from_env
+
+    return init_from_env(_device(args), timeout_s=args.dist_timeout)
+
+
+def _distributed(run):
+    """Run `run()`; a collective that fails because another rank died or hung becomes a one-line error."""
+    import torch.distributed as dist
+
+    try:
+        return run()
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or isinstance(e, CLIError):
+            raise
+        raise CLIError(f"rank {dist.get_rank()}: another rank stopped or timed out ({str(e).splitlines()[0][:160]}); "
+                       "the last checkpoint in --out resumes with --resume, with any number of ranks") from e
+
+
 def cmd_search(args) -> int:
     if args.dry_run:
         return dry_run(args)
+    group = _join_group(args)
+    if not group.is_writer:  # ranks > 0 score their shard and write nothing
+        args._writer = False
+        _distributed(lambda: _run_search(args, Path(args.out)))
+        return 0
     out = _prepare_out(args)
-    path, _, _, _, result, _, row = _run_search(args, out)
+    path, _, _, _, result, _, row = _distributed(lambda: _run_search(args, out))
     save_plan(result.plan, result.overrides, out / "plan.json")  # LaCo: + plan.merged.safetensors
     write_report(out, [row], title=f"{args.method} search", command=_command(), notes=_source_notes(path),
                  extra={"search": result.report, "source": describe_source(path)})
@@ -283,8 +311,13 @@ def cmd_search(args) -> int:
 def cmd_prune(args) -> int:
     if args.dry_run:
         return dry_run(args)
+    group = _join_group(args)
+    if not group.is_writer:
+        args._writer = False
+        _distributed(lambda: _run_search(args, Path(args.out)))
+        return 0
     out = _prepare_out(args)
-    path, _, tok, _, result, pruned, row = _run_search(args, out)
+    path, _, tok, _, result, pruned, row = _distributed(lambda: _run_search(args, out))
     pruned.info["source"] = str(path.resolve())
     state = (out / STATE_FILE).read_text() if (out / STATE_FILE).exists() else None
     tmp_report = out.with_name(f".{out.name}.report")

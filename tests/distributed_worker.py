@@ -1,0 +1,79 @@
+"""One rank of a distributed search, for tests/test_distributed.py (env: RANK, WORLD_SIZE, MASTER_*).
+
+    python tests/distributed_worker.py api OUT_JSON [STATE_DIR] [--resume]   # T5 with re-use, API
+    python tests/distributed_worker.py cli ARGS...                            # the CLI (skrr_compile.cli.main)
+SKRR_TEST_STOP_AFTER=N: Ctrl-C (KeyboardInterrupt) on every rank at the N-th selection.
+SKRR_TEST_DIE_RANK=R: rank R dies (os._exit) at the 2nd selection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from skrr_compile.blocksearch import evaluator  # noqa: E402
+
+torch.set_num_threads(1)
+rank = int(os.environ.get("RANK", "0"))
+calls = {"n": 0}
+real_select = evaluator.Evaluator.select
+
+
+def select(self, *a, **k):
+    calls["n"] += 1
+    if os.environ.get("SKRR_TEST_DIE_RANK") == str(rank) and calls["n"] == 2:
+        os._exit(3)
+    if calls["n"] == int(os.environ.get("SKRR_TEST_STOP_AFTER", "0")):
+        raise KeyboardInterrupt
+    return real_select(self, *a, **k)
+
+
+evaluator.Evaluator.select = select
+
+
+def t5_calibration():
+    from factories import inputs
+
+    from skrr_compile.blocksearch.calibration import Calibration
+
+    chunks = [inputs(3, 9 + i, seed=i) for i in range(5)]  # 5 chunks: shards of 3 and 2
+    return Calibration(prompts=["p"] * 15, chunks=chunks, null=inputs(1, 3, seed=99, pad_last=False))
+
+
+def main() -> int:
+    mode = sys.argv[1]
+    if mode == "cli":
+        from skrr_compile.cli import main as cli_main
+
+        return cli_main(sys.argv[2:])
+    from factories import FAMILIES
+
+    import skrr_compile as skrr
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    out, state = Path(sys.argv[2]), (sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None)
+    model = FAMILIES["t5-gated"].make(seed=4)
+    try:
+        res = skrr.search(model, None, t5_calibration(), sparsity=0.45, method="skrr", progress=False,
+                          out_dir=state, resume="--resume" in sys.argv)
+    except KeyboardInterrupt:
+        return 130
+    if rank == 0:
+        out.write_text(json.dumps({"plan": res.plan.to_dict(), "discrepancy": res.report["discrepancy"],
+                                   "report": res.report["calibration_report"],
+                                   "distributed": res.report["distributed"], "counter": res.report["counter"],
+                                   "reuse_steps": res.report.get("reuse_steps")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

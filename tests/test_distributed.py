@@ -1,0 +1,113 @@
+"""Distributed search (issue 11) on CPU with gloo: 2 ranks give the identical plan, order and scores to one
+process; resume across world sizes; a rank that dies makes the others exit non-zero, with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+WORKER = str(Path(__file__).parent / "distributed_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, world=2, env=None, timeout=600):
+    """Start `world` ranks of the worker ourselves (no launcher that would kill the survivors)."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        e = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(env or {})}
+        procs.append(subprocess.Popen([sys.executable, WORKER, *args], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    t0 = time.monotonic()
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=max(1, timeout - (time.monotonic() - t0)))
+        results.append((p.returncode, out, err))
+    return results, time.monotonic() - t0
+
+
+def single(args, env=None):
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    e.update(env or {})
+    return subprocess.run([sys.executable, WORKER, *args], env=e, capture_output=True, text=True, timeout=600)
+
+
+def same(a, b):
+    for key in ("skip", "reuse", "order", "scores"):
+        assert a["plan"][key] == b["plan"][key], key
+    assert a["discrepancy"] == b["discrepancy"]  # bit-identical: shares folded in global chunk order
+    assert a["report"] == b["report"]
+
+
+def test_two_ranks_give_the_identical_plan_and_scores_as_one_process(tmp_path):
+    one = single(["api", str(tmp_path / "one.json")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    results, _ = launch(["api", str(tmp_path / "two.json")])
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    same(a, b)
+    assert a["reuse_steps"] and a["reuse_steps"] == b["reuse_steps"]  # the re-use phase's scores agree too
+    dist = b["distributed"]
+    assert dist["world_size"] == 2 and [r["chunks"] for r in dist["ranks"]] == [4, 2]  # null + 3 chunks | 2
+    assert all(r["block_evals"] > 0 for r in dist["ranks"])
+    assert a["distributed"]["world_size"] == 1
+
+
+def test_resume_with_another_number_of_ranks_gives_the_identical_plan(tmp_path):
+    whole = single(["api", str(tmp_path / "whole.json")])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    state = tmp_path / "state"
+    results, _ = launch(["api", str(tmp_path / "x.json"), str(state)], env={"SKRR_TEST_STOP_AFTER": "3"})
+    assert all(rc == 130 for rc, _, _ in results), [(rc, err[-1500:]) for rc, _, err in results]
+    saved = json.loads((state / "search_state.json").read_text())
+    assert saved["phase"] == "skip" and len(saved["history"]) == 2  # two steps done before the Ctrl-C
+    resumed = single(["api", str(tmp_path / "resumed.json"), str(state), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "resumed.json"))
+    same(a, b)
+    assert b["counter"]["candidates"] < a["counter"]["candidates"]  # it continued, it did not start over
+
+
+def test_a_rank_that_dies_makes_the_others_exit_non_zero_with_a_clear_message(tmp_path):
+    args = ["cli", "search", "builtin", "--prompts", "builtin", "--limit", "8", "--chunk-size", "2",
+            "--sparsity", "0.2", "--out", str(tmp_path / "out"), "--quiet", "--dist-timeout", "60"]
+    results, seconds = launch(args, env={"SKRR_TEST_DIE_RANK": "1"}, timeout=300)
+    (rc0, _, err0), (rc1, _, _) = results
+    assert rc1 == 3
+    assert rc0 not in (0, None)
+    assert "another rank stopped or timed out" in err0 and "--resume" in err0
+    assert seconds < 200
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_on_real_minilm_equals_one_process(tmp_path):
+    common = ["search", "builtin", "--prompts", "builtin", "--limit", "10", "--chunk-size", "2",
+              "--sparsity", "0.15", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "skrr_compile", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "skrr_compile", *common,
+                          "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "plan.json").read_text()) for d in ("one", "two"))
+    for key in ("skip", "reuse", "order", "scores"):
+        assert a[key] == b[key]
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    text = json.dumps(report)
+    assert '"world_size": 2' in text
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
