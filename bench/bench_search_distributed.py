@@ -1,0 +1,104 @@
+"""Distributed search: wall time and per-rank sub-block evaluations for 1 vs 2 ranks (issue 11).
+
+Runs `python -m skrr_compile search` on the real all-MiniLM-L6-v2 with one thread per rank, ranks started
+with the torch.distributed environment variables (what torchrun sets); on GPUs the same command runs
+under torchrun. The plans must be identical; the script says so.
+
+    python bench/bench_search_distributed.py [--prompts 32] [--sparsity 0.2] [--out bench/results/search_distributed_cpu.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(world: int, args, out: Path) -> tuple[float, dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "skrr_compile", "search", "builtin", "--prompts", "builtin", "--limit",
+           str(args.prompts), "--chunk-size", str(args.chunk_size), "--sparsity", str(args.sparsity), "--quiet",
+           "--out", str(out)]
+    t0 = time.perf_counter()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(err[-3000:])
+    seconds = time.perf_counter() - t0
+    report = json.loads((out / "report.json").read_text())
+    return seconds, report
+
+
+def find(obj, key):
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            r = find(v, key)
+            if r is not None:
+                return r
+    elif isinstance(obj, list):
+        for v in obj:
+            r = find(v, key)
+            if r is not None:
+                return r
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--chunk-size", type=int, default=4)
+    ap.add_argument("--sparsity", type=float, default=0.2)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/search_distributed_cpu.txt"))
+    args = ap.parse_args()
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, 2):
+            seconds, report = run(world, args, Path(tmp) / f"w{world}")
+            plan = json.loads((Path(tmp) / f"w{world}" / "plan.json").read_text())
+            rows[world] = (seconds, find(report, "distributed"), plan)
+    (s1, d1, p1), (s2, d2, p2) = rows[1], rows[2]
+    same = all(p1[k] == p2[k] for k in ("skip", "reuse", "order", "scores"))
+    lines = [
+        "# bench/bench_search_distributed.py: one process vs 2 ranks (gloo), one thread per rank",
+        f"# command: python bench/bench_search_distributed.py --prompts {args.prompts} --chunk-size {args.chunk_size} "
+        f"--sparsity {args.sparsity}",
+        f"# machine: {platform.machine()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; model: all-MiniLM-L6-v2 "
+        "(builtin), prompts: builtin",
+        "",
+        f"{'ranks':>5} {'wall s':>7} {'per-rank sub-block evaluations':>32} {'per-rank s':>14}",
+        f"{1:>5} {s1:>7.1f} {str([r['block_evals'] for r in d1['ranks']]):>32} "
+        f"{str([round(r['seconds'], 1) for r in d1['ranks']]):>14}",
+        f"{2:>5} {s2:>7.1f} {str([r['block_evals'] for r in d2['ranks']]):>32} "
+        f"{str([round(r['seconds'], 1) for r in d2['ranks']]):>14}",
+        "",
+        f"speed-up {s1 / s2:.2f}x (wall time includes start-up and model load in every process)",
+        f"identical plan, order and scores: {'yes' if same else 'NO'} (skip {p2['skip']}, reuse {p2['reuse']})",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(text)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
