@@ -77,6 +77,7 @@ def test_reference_on_host_or_disk_gives_the_identical_search(placement, tmp_pat
     other = run(model, cal, method="skrr", reference=placement, out_dir=tmp_path / "s")
     same_result(plain, other)
     assert other.report["memory"]["reference"] == placement
+    assert not list((tmp_path / "s").glob(".reference*"))  # the scratch reference is gone afterwards
 
 
 def test_disk_reference_is_a_safetensors_file_equal_to_the_dense_outputs(tmp_path):
@@ -85,6 +86,7 @@ def test_disk_reference_is_a_safetensors_file_equal_to_the_dense_outputs(tmp_pat
     graph = skrr.trace(model)
     runner = StagedRunner(graph)
     ev = Evaluator(runner, cal, None, reference="disk", reference_path=tmp_path / "ref.safetensors")
+    assert not (tmp_path / "ref.raw").exists()
     with safe_open(tmp_path / "ref.safetensors", framework="pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
     assert sorted(stored) == ["0.0", "1.0"]

@@ -111,5 +111,7 @@ class ReferenceStore(Sequence):
             self._mmap.close()
             self._file.close()
             self._mmap = None
+        if self.placement == "disk" and self._path is not None:  # a scratch file: the search is over
+            self._path.unlink(missing_ok=True)
         if getattr(self, "_tmpdir", None) is not None:
             self._tmpdir.cleanup()
