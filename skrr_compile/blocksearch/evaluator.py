@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -164,7 +163,8 @@ class Evaluator:
         # scored, so that survivors become beams without a second forward
         fit = (self.budget.limit["device"] + self.budget.limit["host"]) // max(1, 2 * per_boundary[0] * beam)
         # boundaries 1..K-1 are storable; when not even one fits for every chunk, the chunks that fit keep it
-        self.stride = max(1, math.ceil((K - 1) / max(1, fit)))
+        # (the smallest stride that stores at most `fit` of them: the budget is used, not left idle)
+        self.stride = (K - 1) // (max(1, fit) + 1) + 1
         self.per_boundary_bytes = per_boundary[0]
         self.cache_bytes = cache_bytes
         self.states: dict = {}
