@@ -751,3 +751,26 @@ def test_loading_a_pruned_pipeline_does_not_warn_about_the_encoder_type(tmp_path
     finally:
         lg.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["Expected types for unet: (A,), got B."]
+
+
+def test_library_apply_refuses_a_laco_plan_without_its_merged_weights():
+    """skrr.apply used to give a plain skip for a LaCo plan: not the model the search scored."""
+    import torch
+    from factories import FAMILIES
+
+    import skrr_compile as skrr
+
+    model = FAMILIES["t5-gated"].make(seed=1)
+    graph = skrr.trace(model)
+    name = next(p for p in sorted(graph.blocks[0].params) if p.endswith("q.weight"))
+    plan = skrr.Plan(skip=[2, 3], method="laco", info={"merged_params": [name]})
+    with pytest.raises(skrr.PlanError, match="needs their merged weights"):
+        skrr.apply(model, plan)
+    with pytest.raises(skrr.PlanError, match="name other parameters"):
+        skrr.apply(model, plan, merged={"encoder.nothing": torch.ones(1)})
+    merged = {name: torch.full_like(dict(model.named_parameters())[name], 0.25)}
+    pruned = skrr.apply(model, plan, merged=merged)
+    from skrr_compile.utils.tensors import named_tensors
+
+    assert torch.equal(named_tensors(pruned.graph_module)[name], merged[name])
+    assert not torch.equal(dict(model.named_parameters())[name], merged[name])  # the dense model is untouched

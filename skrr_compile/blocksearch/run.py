@@ -331,7 +331,7 @@ def materialize(graph: EncoderGraph, result: SearchResult):
     from skrr_compile.core.encoder import apply
     from skrr_compile.utils.tensors import bind_tensors, named_tensors
 
-    pruned = apply(graph, result.plan)
+    pruned = apply(graph, result.plan, merged=result.overrides or None)
     if result.weights is not None:  # a meta-device model searched with offload="disk": bind the checkpoint's
         tensors = named_tensors(pruned.graph_module)
         bind_tensors(pruned.graph_module, {k: (result.weights.host_tensor(k) if v.is_meta else v)

@@ -17,10 +17,9 @@ from skrr_compile.core.checkpoints import (
     resolve_model_path,
 )
 from skrr_compile.core.encoder import apply
-from skrr_compile.core.plan import Plan
+from skrr_compile.core.plan import Plan, PlanError
 from skrr_compile.core.storage import MODEL_FILE, PLAN_FILE, read_model_meta, save
 from skrr_compile.core.trace import block_table, trace
-from skrr_compile.utils.tensors import bind_tensors, named_tensors
 
 
 def register(sub) -> None:
@@ -91,14 +90,10 @@ def cmd_apply(args) -> int:
     out = check_out_dir(args.out, may_exist_nonempty=args.overwrite)
     merged = merged_weights(plan, args.plan)  # a LaCo plan: the merged weights the search scored
     model = load_encoder(args.model)
-    pruned = apply(model, plan)
-    if merged:
-        tensors = named_tensors(pruned.graph_module)
-        wrong = [n for n, t in merged.items() if n not in tensors or tuple(t.shape) != tuple(tensors[n].shape)]
-        if wrong:
-            raise CLIError(f"the merged LaCo weights of {args.plan} do not fit this model (e.g. {wrong[0]})")
-        tensors.update({n: t.to(tensors[n].dtype) for n, t in merged.items()})
-        bind_tensors(pruned.graph_module, tensors)
+    try:
+        pruned = apply(model, plan, merged=merged or None)
+    except PlanError as e:
+        raise CLIError(f"{args.plan}: {e}") from e
     save(pruned, out, tokenizer=load_tokenizer(args.model), overwrite=args.overwrite)
     dense, kept = pruned.info["dense_params"], pruned.num_params
     print(

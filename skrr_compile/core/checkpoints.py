@@ -193,6 +193,9 @@ def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: s
                 "safetensors file; re-download or re-save the model"
             ) from e
     else:
+        if p.is_dir() and str(device) != "meta":  # a directory, not a bare config.json: say so, never silently
+            warnings.warn(f"{str(p)!r} has a config.json but no weights ({', '.join(WEIGHT_FILES[:2])}): the "
+                          f"{cls.__name__} is randomly initialised (seed 0)", stacklevel=2)
         torch.manual_seed(0)
         model = cls(config).to(dtype)
     return model.to(device).eval()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import fx, nn
 
-from skrr_compile.core.plan import Plan
+from skrr_compile.core.plan import Plan, PlanError
 from skrr_compile.core.rebuild import build_graph_module
 from skrr_compile.core.trace import EncoderGraph, apply_to_graph, block_table, trace
 from skrr_compile.utils.tensors import bind_tensors, named_tensors, param_bytes, param_numel, retarget_devices
@@ -110,11 +112,30 @@ class PrunedEncoder(nn.Module):
 
 
 
-def apply(model_or_graph, plan: Plan) -> PrunedEncoder:
-    """Apply `plan` to a HF text encoder (or an EncoderGraph from `trace`); returns a PrunedEncoder."""
+def apply(model_or_graph, plan: Plan, merged: Mapping[str, torch.Tensor] | None = None) -> PrunedEncoder:
+    """Apply `plan` to a HF text encoder (or an EncoderGraph from `trace`); returns a PrunedEncoder.
+
+    A LaCo plan (info["merged_params"]) needs `merged`, the merged weights its search scored (from
+    `SearchResult.overrides`, or `skrr_compile.blocksearch.laco.merged_weights(plan, plan_path)`): without
+    them the result would only skip the layers, so it is refused.
+    """
     graph = model_or_graph if isinstance(model_or_graph, EncoderGraph) else trace(model_or_graph)
+    names = sorted(plan.info.get("merged_params") or ())
+    if names and sorted(merged or {}) != names:
+        raise PlanError(
+            f"this LaCo plan merges {len(names)} parameters (e.g. {names[0]}) and needs their merged weights: "
+            "pass merged=SearchResult.overrides or merged_weights(plan, plan_path); "
+            + ("none were given" if not merged else "the given ones name other parameters")
+        )
     fingerprint = graph.fingerprint
     gm = apply_to_graph(graph, plan)
+    if names:
+        tensors = named_tensors(gm)
+        wrong = [n for n in names if n not in tensors or tuple(merged[n].shape) != tuple(tensors[n].shape)]
+        if wrong:
+            raise PlanError(f"the merged LaCo weights do not fit this model (e.g. {wrong[0]})")
+        tensors.update({n: merged[n].detach().clone().to(tensors[n].dtype) for n in names})
+        bind_tensors(gm, tensors)
     if plan.fingerprint is None:
         plan = Plan(**{**plan.__dict__, "fingerprint": fingerprint})
     dense = graph.total_params
