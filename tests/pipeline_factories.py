@@ -259,3 +259,82 @@ def generate(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch.Ten
     with torch.no_grad():
         out = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
     return out.images
+
+
+# ---------------------------------------------------------------------------------------------------
+# LLM-encoder pipelines (issue 12): a word-level tokenizer that adds <bos> like Gemma's
+# ---------------------------------------------------------------------------------------------------
+def llm_tokenizer(bos: bool = True):
+    """A fast word-level tokenizer over the prompt corpus (+ instruction words); adds <bos> when `bos`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for p in T5_PROMPT_CORPUS for w in p.replace(",", " ,").split()})
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + words + [":", ".", "\n", "user", "prompt"])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                  bos_token="<bos>" if bos else None)
+    tok.model_max_length = 512
+    return tok
+
+
+def gemma2_encoder(hidden: int = 16, layers: int = 3, seed: int = 41):
+    from transformers import Gemma2Config, Gemma2Model
+
+    cfg = Gemma2Config(
+        vocab_size=len(llm_tokenizer()) + 4, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256, sliding_window=64,
+        pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Gemma2Model(cfg).eval()
+    _randomize(model, seed=seed)
+    return model
+
+
+SANA_INSTRUCTION = ["Given a user prompt , write a photo :", "user prompt :"]  # the pipeline's list, tiny
+
+
+def make_sana():
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(43)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=16,
+        sample_size=8,
+    ).eval()
+    _randomize(transformer.caption_projection, seed=44)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    ).eval()
+    return SanaPipeline(
+        tokenizer=llm_tokenizer(), text_encoder=gemma2_encoder(), vae=vae, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+
+
+FACTORIES["sana"] = make_sana
+LLM_MAX_SEQUENCE = 12  # max_sequence_length the LLM-encoder pipelines run with in tests
+
+
+def generate_llm(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch.Tensor:
+    """Two steps at 16x16 from a fixed seed for the LLM-encoder pipelines; returns the latents."""
+    kwargs = dict(GEN_KWARGS)
+    name = type(pipe).__name__
+    if name.startswith("Sana"):
+        kwargs.update(use_resolution_binning=False, max_sequence_length=LLM_MAX_SEQUENCE, height=32, width=32,
+                      complex_human_instruction=SANA_INSTRUCTION)
+    with torch.no_grad():
+        out = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
+    return out.images

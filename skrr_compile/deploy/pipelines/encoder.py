@@ -24,6 +24,7 @@ SUPPORTED_PIPELINES = {
     "FluxPipeline": "flux",
     "FluxImg2ImgPipeline": "flux",
     "FluxInpaintPipeline": "flux",
+    "SanaPipeline": "sana",
 }
 
 

@@ -86,13 +86,21 @@ class _HiddenStatesOn:
 
 def search_arguments(pipe, spec: EncoderSpec) -> dict:
     """The keyword arguments of skrr_compile.search that make it score what the pipeline reads."""
-    return {
+    kwargs = {
         "select": spec.select(),
         "projection": spec.projections(pipe),
         "read": spec.read,
         "padding": spec.padding,
         "max_length": spec.max_length,
     }
+    if spec.template is not None:
+        kwargs["template"] = spec.template
+    if spec.drop_tokens:
+        kwargs["drop_tokens"] = spec.drop_tokens
+    if spec.hidden_layer is not None:  # the search builds the selector of that layer (or stack)
+        del kwargs["select"]
+        kwargs["hidden_layer"] = spec.hidden_layer
+    return kwargs
 
 
 def prune_pipeline(
@@ -106,6 +114,7 @@ def prune_pipeline(
     apply_plans: bool = True,
     out_dir: str | Path | None = None,
     overrides: Mapping[str, dict] | None = None,
+    pipeline_kwargs: Mapping | None = None,
     **search_kwargs,
 ) -> PipelinePlans:
     """Search a plan for each (or the named) text encoder(s) of `pipe` and swap in the pruned encoders.
@@ -115,6 +124,8 @@ def prune_pipeline(
     `prompts`: a list, or a .txt/.jsonl/.tsv/.csv file. Further keyword arguments go to
     `skrr_compile.search` (e.g. beam, chunk_size); `overrides[component]` to that encoder's search only.
     Returns component -> Plan (with `.reports`); `apply_plans=False` leaves the pipeline dense.
+    `pipeline_kwargs`: arguments the pipeline will be called with that change what it encodes (Sana's
+    `complex_human_instruction`), so that the search scores the same text.
     """
     try:
         from skrr_compile.blocksearch.run import search
@@ -125,7 +136,7 @@ def prune_pipeline(
         ) from e
     from skrr_compile.blocksearch.calibration import read_prompts
 
-    spec = describe_pipeline(pipe, max_sequence_length)
+    spec = describe_pipeline(pipe, max_sequence_length, **dict(pipeline_kwargs or {}))
     names = _select_encoders(spec, encoders)
     prompts = read_prompts(prompts)
     overrides = dict(overrides or {})

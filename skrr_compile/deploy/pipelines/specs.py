@@ -12,6 +12,20 @@ What each supported family feeds its denoiser, and so what the discrepancy of ea
                 text_encoder_3   T5 last_hidden_state (all tokens)      transformer.context_embedder
   FLUX          text_encoder     CLIP pooler_output                     transformer.time_text_embed.text_embedder
                 text_encoder_2   T5 last_hidden_state (all tokens)      transformer.context_embedder
+  Sana          text_encoder     Gemma-2 last_hidden_state behind the   transformer.caption_projection
+                                 complex human instruction (masked)
+
+LLM encoders (issue 12) add what the pipeline wraps and drops: `template` ("...{prompt}...", the null prompt
+goes through it too), `drop_tokens` (the first N tokens left out of D), `hidden_layer` (another layer than
+the last, or a stack). Sana (`_get_gemma_prompt_embeds` + `encode_prompt`, diffusers 0.42) prepends the
+"\n"-joined complex human instruction (C tokens with <bos>), pads to C + M - 2 and keeps position 0 plus the
+last M - 1 positions: the instruction's last token and the prompt. The spec scores the same text and length
+with drop_tokens = C - 1; the one position it leaves out that Sana keeps is <bos> at 0, whose causal output
+is the same for every prompt. Sana encodes its negative prompt without the instruction; the null prompt of
+D goes through the template like every other prompt. Its caption_projection is followed by caption_norm
+(an RMSNorm), which the projection leaves out, as for PixArt's GELU.
+Families not listed are refused with UnsupportedPipelineError (Lumina 2, Z-Image, Chroma, AuraFlow, Wan,
+HiDream, Flux2, Qwen-Image: not yet specified, issue 12 item 5).
 
 Where a consumer reads the concatenation of several encoders' outputs (SD3's context_embedder over the
 padded CLIP-L|CLIP-G|T5 channels, pooled CLIP-L|CLIP-G), each encoder's projection is the block of the
@@ -108,6 +122,9 @@ class EncoderSpec:
     read: str  # "mask": only attention-mask tokens reach the denoiser; "all": every padded position
     padding: str  # "longest" (mask-respecting encoders) or "max_length" (the pipeline pads)
     max_length: int
+    template: str | None = None  # "...{prompt}...": the text the pipeline wraps each prompt in (LLM encoders)
+    drop_tokens: int = 0  # the first N tokens of each embedding never reach the denoiser
+    hidden_layer: int | tuple[int, ...] | None = None  # hidden_states index (or stack) read instead of the last
 
     @property
     def hidden_states(self) -> bool:
@@ -142,6 +159,9 @@ class EncoderSpec:
             "read": self.read,
             "padding": self.padding,
             "max_length": self.max_length,
+            "template": self.template,
+            "drop_tokens": self.drop_tokens,
+            "hidden_layer": self.hidden_layer,
         }
 
 
@@ -197,13 +217,17 @@ def present_encoders(pipe) -> list[str]:
 
 
 def _call_default(pipe, name: str, fallback: int) -> int:
-    try:
-        param = inspect.signature(type(pipe).__call__).parameters.get(name)
-    except (TypeError, ValueError):
-        param = None
+    param = _call_parameter(pipe, name)
     if param is not None and isinstance(param.default, int):
         return param.default
     return fallback
+
+
+def _call_parameter(pipe, name: str):
+    try:
+        return inspect.signature(type(pipe).__call__).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
 
 
 def _model_max_length(tokenizer, fallback: int = 77) -> int:
@@ -215,10 +239,12 @@ def _config(module) -> object:
     return getattr(module, "config", None)
 
 
-def describe_pipeline(pipe, max_sequence_length: int | None = None) -> PipelineSpec:
+def describe_pipeline(pipe, max_sequence_length: int | None = None, **call_kwargs) -> PipelineSpec:
     """Each text encoder of `pipe`, how the pipeline calls it, and the module that consumes each output.
 
     `max_sequence_length`: the T5 length the pipeline will be called with (default: the pipeline's default).
+    `call_kwargs`: other arguments the pipeline will be called with that change what it encodes (Sana:
+    `complex_human_instruction`); unset ones take the pipeline's defaults.
     """
     present = present_encoders(pipe)
     if not present:
@@ -228,8 +254,13 @@ def describe_pipeline(pipe, max_sequence_length: int | None = None) -> PipelineS
             f"its components: {', '.join(components) or 'none'})"
         )
     family = family_of(pipe)
-    builder = {"pixart": _pixart, "sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]
-    specs = builder(pipe, max_sequence_length)
+    builders = {"pixart": _pixart, "sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+    if family == "sana":
+        specs = _sana(pipe, max_sequence_length, **call_kwargs)
+    else:
+        if call_kwargs:
+            raise TypeError(f"{type(pipe).__name__}: unexpected pipeline arguments {sorted(call_kwargs)}")
+        specs = builders[family](pipe, max_sequence_length)
     encoders = {name: spec for name, spec in specs.items() if name in present}
     if not encoders:
         raise NoTextEncoderError(f"{type(pipe).__name__}: none of its text encoders is loaded")
@@ -331,4 +362,30 @@ def _flux(pipe, max_seq):
             "text_encoder_2", "tokenizer_2", (EncoderOutput("last_hidden_state", "transformer.context_embedder"),),
             attention_mask=False, read="all", padding="max_length", max_length=n,
         ),
+    }
+
+
+_UNSET = object()
+
+
+def _sana(pipe, max_seq, complex_human_instruction=_UNSET):
+    """Sana: Gemma-2 behind the complex human instruction; position 0 and the last M - 1 positions read."""
+    m = max_seq or _call_default(pipe, "max_sequence_length", 300)
+    chi = complex_human_instruction
+    if chi is _UNSET:
+        param = _call_parameter(pipe, "complex_human_instruction")
+        chi = param.default if param is not None and param.default is not inspect.Parameter.empty else None
+    tokenizer = pipe.tokenizer
+    if not chi:
+        template, drop, length = None, 0, m
+    else:
+        text = "\n".join(chi)
+        c = len(tokenizer.encode(text))
+        template, drop, length = text + "{prompt}", c - 1, c + m - 2
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer", (EncoderOutput("last_hidden_state", "transformer.caption_projection"),),
+            attention_mask=True, read="mask", padding="longest", max_length=length, template=template,
+            drop_tokens=drop,
+        )
     }

@@ -1,0 +1,104 @@
+"""Pipelines whose text encoders are LLMs (issue 12 item 5), as tiny random pipelines that generate.
+
+Each: the spec reads what the pipeline's own encode_prompt hands the denoiser (template, dropped tokens,
+length, mask) -> prune_pipeline / apply_to_pipeline -> the pipeline generates -> the pruned encoder equals
+skrr.apply(encoder, plan) -> save/load reproduces its outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("tokenizers")
+
+from pipeline_factories import LLM_MAX_SEQUENCE, SANA_INSTRUCTION, T5_PROMPT_CORPUS, generate_llm, make_sana  # noqa: E402
+
+import skrr_compile as skrr  # noqa: E402
+from skrr_compile.deploy.pipelines.encoder import PrunedTextEncoder  # noqa: E402
+from skrr_compile.deploy.pipelines.specs import describe_pipeline  # noqa: E402
+
+HAS_SEARCH = importlib.util.find_spec("skrr_compile.blocksearch") is not None
+SANA_KWARGS = {"complex_human_instruction": SANA_INSTRUCTION}
+
+
+def _spec_embedding(pipe, spec, prompt: str, encoder=None) -> torch.Tensor:
+    """The embedding the spec says the denoiser reads: template, length, mask, first drop_tokens left out."""
+    tok = getattr(pipe, spec.tokenizer)
+    text = prompt if spec.template is None else spec.template.replace("{prompt}", prompt)
+    enc = tok([text], padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
+    encoder = encoder if encoder is not None else getattr(pipe, spec.component)
+    with torch.no_grad():
+        out = encoder(enc.input_ids, attention_mask=enc.attention_mask if spec.attention_mask else None)
+    return spec.select()(out)[:, spec.drop_tokens:], enc.attention_mask[:, spec.drop_tokens:]
+
+
+def test_sana_spec_reads_what_encode_prompt_produces():
+    pipe = make_sana()
+    spec = describe_pipeline(pipe, LLM_MAX_SEQUENCE, **SANA_KWARGS).encoders["text_encoder"]
+    n_chi = len(pipe.tokenizer.encode("\n".join(SANA_INSTRUCTION)))
+    assert spec.template == "\n".join(SANA_INSTRUCTION) + "{prompt}" and spec.drop_tokens == n_chi - 1
+    assert spec.max_length == n_chi + LLM_MAX_SEQUENCE - 2 and spec.read == "mask" and spec.attention_mask
+    assert spec.to_dict()["outputs"] == ["last_hidden_state -> transformer.caption_projection"]
+    for prompt in ("a photo of a cat", "two dogs playing in the snow with a red boat at night"):
+        with torch.no_grad():
+            embeds, mask, *_ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                  max_sequence_length=LLM_MAX_SEQUENCE, **SANA_KWARGS)
+        ours, our_mask = _spec_embedding(pipe, spec, prompt)
+        # Sana keeps position 0 (<bos>) and the last M - 1 positions; the spec scores those M - 1
+        assert torch.equal(mask[:, 1:], our_mask)
+        torch.testing.assert_close(embeds[:, 1:], ours, rtol=0, atol=0)
+    # without the instruction: no template, every position read
+    bare = describe_pipeline(pipe, LLM_MAX_SEQUENCE, complex_human_instruction=None).encoders["text_encoder"]
+    assert bare.template is None and bare.drop_tokens == 0 and bare.max_length == LLM_MAX_SEQUENCE
+    # the pipeline's own default instruction is picked up when none is given
+    default = describe_pipeline(pipe).encoders["text_encoder"]
+    assert default.template is not None and default.template.endswith("{prompt}") and default.drop_tokens > 10
+
+
+def _check_pruned(pipe, spec, plan, dense_encoder, tmp_path):
+    enc = pipe.text_encoder
+    assert isinstance(enc, PrunedTextEncoder) and enc.plan.skip == plan.skip and enc.plan.reuse == plan.reuse
+    reference = skrr.apply(dense_encoder, plan)
+    for prompt in T5_PROMPT_CORPUS[:2]:
+        ours, _ = _spec_embedding(pipe, spec, prompt)
+        ref, _ = _spec_embedding(pipe, spec, prompt, encoder=reference)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    latents = generate_llm(pipe)
+    assert torch.isfinite(latents).all()
+    skrr.save_pipeline(pipe, tmp_path / "pruned")
+    loaded = skrr.load_pipeline(tmp_path / "pruned")
+    assert isinstance(loaded.text_encoder, PrunedTextEncoder) and loaded.text_encoder.plan.skip == plan.skip
+    for prompt in T5_PROMPT_CORPUS[:2]:
+        torch.testing.assert_close(_spec_embedding(loaded, spec, prompt)[0], _spec_embedding(pipe, spec, prompt)[0],
+                                   rtol=0, atol=0)
+    return latents
+
+
+def test_sana_apply_generate_save_load(tmp_path):
+    pipe = make_sana()
+    dense = pipe.text_encoder
+    spec = describe_pipeline(pipe, LLM_MAX_SEQUENCE, **SANA_KWARGS).encoders["text_encoder"]
+    dense_latents = generate_llm(pipe)
+    plan = skrr.Plan(skip=[1, 2], reuse={2: 0})
+    skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
+    assert pipe.text_encoder.num_params < sum(p.numel() for p in dense.parameters())
+    latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
+    assert latents.shape == dense_latents.shape == (1, 4, 16, 16)
+    assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
+
+
+@pytest.mark.skipif(not HAS_SEARCH, reason="skrr_compile.blocksearch is not in this build")
+def test_sana_prune_pipeline_search(tmp_path):
+    pipe = make_sana()
+    dense = pipe.text_encoder
+    spec = describe_pipeline(pipe, LLM_MAX_SEQUENCE, **SANA_KWARGS).encoders["text_encoder"]
+    plans = skrr.prune_pipeline(pipe, T5_PROMPT_CORPUS[:4], sparsity=0.15, beam=1, chunk_size=4,
+                                max_sequence_length=LLM_MAX_SEQUENCE, pipeline_kwargs=SANA_KWARGS)
+    plan = plans["text_encoder"]
+    assert len(plan.skip) >= 1
+    assert plans.spec.encoders["text_encoder"].template == spec.template
+    _check_pruned(pipe, spec, plan, dense, tmp_path)
