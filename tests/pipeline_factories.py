@@ -324,17 +324,93 @@ def make_sana():
     )
 
 
-FACTORIES["sana"] = make_sana
 LLM_MAX_SEQUENCE = 12  # max_sequence_length the LLM-encoder pipelines run with in tests
 
 
 def generate_llm(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch.Tensor:
-    """Two steps at 16x16 from a fixed seed for the LLM-encoder pipelines; returns the latents."""
+    """Two steps at 16x16 (Sana: 32x32) from a fixed seed for the LLM-encoder pipelines; returns the latents."""
     kwargs = dict(GEN_KWARGS)
     name = type(pipe).__name__
     if name.startswith("Sana"):
         kwargs.update(use_resolution_binning=False, max_sequence_length=LLM_MAX_SEQUENCE, height=32, width=32,
                       complex_human_instruction=SANA_INSTRUCTION)
+    if name.startswith("Lumina2"):
+        kwargs.update(max_sequence_length=LUMINA2_MAX_SEQUENCE, system_prompt=LUMINA2_SYSTEM)
+    if name.startswith("ZImage"):
+        kwargs.update(max_sequence_length=ZIMAGE_MAX_SEQUENCE, height=32, width=32)
     with torch.no_grad():
         out = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
     return out.images
+
+
+LUMINA2_SYSTEM = "user prompt : a photo"  # Lumina 2's system_prompt, tiny
+LUMINA2_MAX_SEQUENCE = 20  # counts the system prompt too
+
+
+def make_lumina2():
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    torch.manual_seed(45)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, hidden_size=8, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=1, num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
+        scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(64, 32, 32), cap_feat_dim=16,
+    ).eval()
+    _randomize(transformer.time_caption_embed.caption_embedder, seed=46)
+    return Lumina2Pipeline(
+        transformer=transformer, vae=_tiny_vae(latent_channels=4), scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=gemma2_encoder(seed=47), tokenizer=llm_tokenizer(),
+    )
+
+
+LLM_FACTORIES = {"sana": make_sana, "lumina2": make_lumina2}  # kept out of FACTORIES (tests/test_pipelines.py)
+
+
+QWEN_CHAT_TEMPLATE = (  # Qwen3's chat template, reduced to what Z-Image renders (one user turn + generation prompt)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def qwen_tokenizer():
+    """The word-level tokenizer without <bos> (as Qwen's), with Qwen's chat markers and a chat template."""
+    tok = llm_tokenizer(bos=False)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tok.add_tokens(["assistant"])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def qwen3_encoder(hidden: int = 16, layers: int = 3, seed: int = 51):
+    from transformers import Qwen3Config, Qwen3Model
+
+    cfg = Qwen3Config(
+        vocab_size=len(qwen_tokenizer()) + 4, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3Model(cfg).eval()
+    _randomize(model, seed=seed)
+    return model
+
+
+ZIMAGE_MAX_SEQUENCE = 24  # counts the chat template too
+
+
+def make_zimage():
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(53)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 2, 2], axes_lens=[64, 32, 32],
+    ).eval()
+    _randomize(transformer.cap_embedder, seed=54)
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(latent_channels=4), text_encoder=qwen3_encoder(),
+        tokenizer=qwen_tokenizer(), transformer=transformer,
+    )
+
+
+LLM_FACTORIES["zimage"] = make_zimage

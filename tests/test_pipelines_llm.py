@@ -15,7 +15,18 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("tokenizers")
 
-from pipeline_factories import LLM_MAX_SEQUENCE, SANA_INSTRUCTION, T5_PROMPT_CORPUS, generate_llm, make_sana  # noqa: E402
+from pipeline_factories import (  # noqa: E402
+    LLM_MAX_SEQUENCE,
+    LUMINA2_MAX_SEQUENCE,
+    LUMINA2_SYSTEM,
+    SANA_INSTRUCTION,
+    T5_PROMPT_CORPUS,
+    ZIMAGE_MAX_SEQUENCE,
+    generate_llm,
+    make_lumina2,
+    make_sana,
+    make_zimage,
+)
 
 import skrr_compile as skrr  # noqa: E402
 from skrr_compile.deploy.pipelines.encoder import PrunedTextEncoder  # noqa: E402
@@ -32,7 +43,8 @@ def _spec_embedding(pipe, spec, prompt: str, encoder=None) -> torch.Tensor:
     enc = tok([text], padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
     encoder = encoder if encoder is not None else getattr(pipe, spec.component)
     with torch.no_grad():
-        out = encoder(enc.input_ids, attention_mask=enc.attention_mask if spec.attention_mask else None)
+        out = encoder(enc.input_ids, attention_mask=enc.attention_mask if spec.attention_mask else None,
+                      output_hidden_states=spec.hidden_states)
     return spec.select()(out)[:, spec.drop_tokens:], enc.attention_mask[:, spec.drop_tokens:]
 
 
@@ -57,6 +69,77 @@ def test_sana_spec_reads_what_encode_prompt_produces():
     # the pipeline's own default instruction is picked up when none is given
     default = describe_pipeline(pipe).encoders["text_encoder"]
     assert default.template is not None and default.template.endswith("{prompt}") and default.drop_tokens > 10
+
+
+LUMINA2_KWARGS = {"system_prompt": LUMINA2_SYSTEM}
+
+
+def test_lumina2_spec_reads_what_encode_prompt_produces():
+    pipe = make_lumina2()
+    spec = describe_pipeline(pipe, LUMINA2_MAX_SEQUENCE, **LUMINA2_KWARGS).encoders["text_encoder"]
+    assert spec.template == LUMINA2_SYSTEM + " <Prompt Start> {prompt}" and spec.drop_tokens == 0
+    assert spec.hidden_layer == -2 and spec.hidden_states and spec.read == "mask"
+    assert spec.to_dict()["outputs"] == ["hidden_states[-2] -> transformer.time_caption_embed.caption_embedder"]
+    for prompt in ("a photo of a cat", "two dogs playing in the snow with a red boat at night"):
+        with torch.no_grad():
+            embeds, mask, *_ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                  max_sequence_length=LUMINA2_MAX_SEQUENCE, **LUMINA2_KWARGS)
+        ours, our_mask = _spec_embedding(pipe, spec, prompt)
+        assert torch.equal(mask, our_mask)
+        torch.testing.assert_close(embeds, ours, rtol=0, atol=0)
+    assert describe_pipeline(pipe).encoders["text_encoder"].template.startswith(pipe.system_prompt)
+
+
+def test_lumina2_apply_generate_save_load(tmp_path):
+    pipe = make_lumina2()
+    dense = pipe.text_encoder
+    spec = describe_pipeline(pipe, LUMINA2_MAX_SEQUENCE, **LUMINA2_KWARGS).encoders["text_encoder"]
+    dense_latents = generate_llm(pipe)
+    plan = skrr.Plan(skip=[1, 2], reuse={2: 0})
+    skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
+    latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
+    assert latents.shape == dense_latents.shape
+    assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
+
+
+@pytest.mark.skipif(not HAS_SEARCH, reason="skrr_compile.blocksearch is not in this build")
+def test_lumina2_prune_pipeline_search(tmp_path):
+    pipe = make_lumina2()
+    dense = pipe.text_encoder
+    spec = describe_pipeline(pipe, LUMINA2_MAX_SEQUENCE, **LUMINA2_KWARGS).encoders["text_encoder"]
+    plans = skrr.prune_pipeline(pipe, T5_PROMPT_CORPUS[:4], sparsity=0.15, beam=1, chunk_size=4,
+                                max_sequence_length=LUMINA2_MAX_SEQUENCE, pipeline_kwargs=LUMINA2_KWARGS)
+    assert len(plans["text_encoder"].skip) >= 1
+    _check_pruned(pipe, spec, plans["text_encoder"], dense, tmp_path)
+
+
+def test_zimage_spec_reads_what_encode_prompt_produces():
+    pipe = make_zimage()
+    spec = describe_pipeline(pipe, ZIMAGE_MAX_SEQUENCE).encoders["text_encoder"]
+    assert spec.template.startswith("<|im_start|>user\n{prompt}<|im_end|>") and spec.hidden_layer == -2
+    assert spec.to_dict()["outputs"] == ["hidden_states[-2] -> transformer.cap_embedder"] and spec.read == "mask"
+    for prompt in ("a photo of a cat", "two dogs playing in the snow with a red boat at night"):
+        with torch.no_grad():
+            embeds = pipe._encode_prompt(prompt, device="cpu", max_sequence_length=ZIMAGE_MAX_SEQUENCE)
+        ours, our_mask = _spec_embedding(pipe, spec, prompt)
+        torch.testing.assert_close(embeds[0], ours[0][our_mask[0].bool()], rtol=0, atol=0)  # mask tokens only
+
+
+def test_zimage_prune_generate_save_load(tmp_path):
+    pipe = make_zimage()
+    dense = pipe.text_encoder
+    spec = describe_pipeline(pipe, ZIMAGE_MAX_SEQUENCE).encoders["text_encoder"]
+    dense_latents = generate_llm(pipe)
+    if HAS_SEARCH:
+        plans = skrr.prune_pipeline(pipe, T5_PROMPT_CORPUS[:4], sparsity=0.15, beam=1, chunk_size=4,
+                                    max_sequence_length=ZIMAGE_MAX_SEQUENCE)
+        plan = plans["text_encoder"]
+        assert len(plan.skip) >= 1
+    else:  # pragma: no cover - depends on the build
+        plan = skrr.Plan(skip=[1, 2], reuse={2: 0})
+        skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
+    latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
+    assert latents.shape == dense_latents.shape
 
 
 def _check_pruned(pipe, spec, plan, dense_encoder, tmp_path):

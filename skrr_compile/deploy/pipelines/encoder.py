@@ -25,6 +25,8 @@ SUPPORTED_PIPELINES = {
     "FluxImg2ImgPipeline": "flux",
     "FluxInpaintPipeline": "flux",
     "SanaPipeline": "sana",
+    "Lumina2Pipeline": "lumina2",
+    "ZImagePipeline": "zimage",
 }
 
 

@@ -14,6 +14,10 @@ What each supported family feeds its denoiser, and so what the discrepancy of ea
                 text_encoder_2   T5 last_hidden_state (all tokens)      transformer.context_embedder
   Sana          text_encoder     Gemma-2 last_hidden_state behind the   transformer.caption_projection
                                  complex human instruction (masked)
+  Lumina 2      text_encoder     Gemma-2 hidden_states[-2] behind the   transformer.time_caption_embed
+                                 system prompt (masked)                   .caption_embedder (RMSNorm, Linear)
+  Z-Image       text_encoder     Qwen3 hidden_states[-2] behind the     transformer.cap_embedder (RMSNorm, Linear)
+                                 tokenizer's chat template (mask tokens)
 
 LLM encoders (issue 12) add what the pipeline wraps and drops: `template` ("...{prompt}...", the null prompt
 goes through it too), `drop_tokens` (the first N tokens left out of D), `hidden_layer` (another layer than
@@ -24,7 +28,15 @@ with drop_tokens = C - 1; the one position it leaves out that Sana keeps is <bos
 is the same for every prompt. Sana encodes its negative prompt without the instruction; the null prompt of
 D goes through the template like every other prompt. Its caption_projection is followed by caption_norm
 (an RMSNorm), which the projection leaves out, as for PixArt's GELU.
-Families not listed are refused with UnsupportedPipelineError (Lumina 2, Z-Image, Chroma, AuraFlow, Wan,
+Lumina 2 (`_get_gemma_prompt_embeds`, `encode_prompt`) wraps the prompt as
+`system_prompt + " <Prompt Start> " + prompt`, pads to max_sequence_length (which counts the system prompt),
+passes the mask and reads hidden_states[-2]; no token is dropped.
+Z-Image (`_encode_prompt`) renders the prompt as one user turn through the tokenizer's own chat template
+(add_generation_prompt=True, enable_thinking=True), pads to max_sequence_length (template included), reads
+hidden_states[-2] and hands the denoiser only the mask tokens; the spec renders the template with the
+placeholder "{prompt}" as the content, so a tokenizer's template that rewrites the content would be caught
+by the spec test, not silently mis-scored.
+Families not listed are refused with UnsupportedPipelineError ( Chroma, AuraFlow, Wan,
 HiDream, Flux2, Qwen-Image: not yet specified, issue 12 item 5).
 
 Where a consumer reads the concatenation of several encoders' outputs (SD3's context_embedder over the
@@ -255,8 +267,8 @@ def describe_pipeline(pipe, max_sequence_length: int | None = None, **call_kwarg
         )
     family = family_of(pipe)
     builders = {"pixart": _pixart, "sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
-    if family == "sana":
-        specs = _sana(pipe, max_sequence_length, **call_kwargs)
+    if family in ("sana", "lumina2", "zimage"):
+        specs = {"sana": _sana, "lumina2": _lumina2, "zimage": _zimage}[family](pipe, max_sequence_length, **call_kwargs)
     else:
         if call_kwargs:
             raise TypeError(f"{type(pipe).__name__}: unexpected pipeline arguments {sorted(call_kwargs)}")
@@ -387,5 +399,40 @@ def _sana(pipe, max_seq, complex_human_instruction=_UNSET):
             "text_encoder", "tokenizer", (EncoderOutput("last_hidden_state", "transformer.caption_projection"),),
             attention_mask=True, read="mask", padding="longest", max_length=length, template=template,
             drop_tokens=drop,
+        )
+    }
+
+
+def _lumina2(pipe, max_seq, system_prompt=None):
+    """Lumina 2: Gemma-2's penultimate layer behind the system prompt, every mask token read."""
+    m = max_seq or _call_default(pipe, "max_sequence_length", 256)
+    system = system_prompt if system_prompt is not None else pipe.system_prompt
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer",
+            (EncoderOutput("hidden_states[-2]", "transformer.time_caption_embed.caption_embedder"),),
+            attention_mask=True, read="mask", padding="longest", max_length=m,
+            template=system + " <Prompt Start> {prompt}", hidden_layer=-2,
+        )
+    }
+
+
+def _zimage(pipe, max_seq):
+    """Z-Image: Qwen3's penultimate layer behind the tokenizer's chat template, mask tokens only."""
+    m = max_seq or _call_default(pipe, "max_sequence_length", 512)
+    tokenizer = pipe.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise UnsupportedPipelineError(
+            f"{type(pipe).__name__}: its tokenizer has no chat template, which Z-Image renders every prompt through"
+        )
+    template = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "{prompt}"}], tokenize=False, add_generation_prompt=True, enable_thinking=True,
+    )
+    if template.count("{prompt}") != 1:
+        raise UnsupportedPipelineError(f"{type(pipe).__name__}: the chat template does not keep the prompt verbatim")
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer", (EncoderOutput("hidden_states[-2]", "transformer.cap_embedder"),),
+            attention_mask=True, read="mask", padding="longest", max_length=m, template=template, hidden_layer=-2,
         )
     }
