@@ -336,6 +336,8 @@ def generate_llm(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch
                       complex_human_instruction=SANA_INSTRUCTION)
     if name.startswith("Lumina2"):
         kwargs.update(max_sequence_length=LUMINA2_MAX_SEQUENCE, system_prompt=LUMINA2_SYSTEM)
+    if name.startswith("Chroma"):
+        kwargs.update(max_sequence_length=T5_MAX_SEQUENCE)
     if name.startswith("ZImage"):
         kwargs.update(max_sequence_length=ZIMAGE_MAX_SEQUENCE, height=32, width=32)
     with torch.no_grad():
@@ -414,3 +416,22 @@ def make_zimage():
 
 
 LLM_FACTORIES["zimage"] = make_zimage
+
+
+def make_chroma():
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(61)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1,
+    ).eval()
+    _randomize(transformer.context_embedder, seed=62)
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(latent_channels=1, flow=True),
+        text_encoder=t5_encoder(32, seed=63), tokenizer=t5_tokenizer(), transformer=transformer,
+    )
+
+
+LLM_FACTORIES["chroma"] = make_chroma

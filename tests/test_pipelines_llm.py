@@ -20,9 +20,11 @@ from pipeline_factories import (  # noqa: E402
     LUMINA2_MAX_SEQUENCE,
     LUMINA2_SYSTEM,
     SANA_INSTRUCTION,
+    T5_MAX_SEQUENCE,
     T5_PROMPT_CORPUS,
     ZIMAGE_MAX_SEQUENCE,
     generate_llm,
+    make_chroma,
     make_lumina2,
     make_sana,
     make_zimage,
@@ -137,6 +139,35 @@ def test_zimage_prune_generate_save_load(tmp_path):
         assert len(plan.skip) >= 1
     else:  # pragma: no cover - depends on the build
         plan = skrr.Plan(skip=[1, 2], reuse={2: 0})
+        skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
+    latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
+    assert latents.shape == dense_latents.shape
+
+
+def test_chroma_spec_reads_what_encode_prompt_produces():
+    pipe = make_chroma()
+    spec = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders["text_encoder"]
+    assert spec.template is None and spec.read == "mask" and spec.attention_mask
+    for prompt in ("a cat", "two dogs playing in the snow"):
+        with torch.no_grad():
+            embeds, mask = pipe._get_t5_prompt_embeds(prompt, max_sequence_length=T5_MAX_SEQUENCE, device="cpu")
+        ours, our_mask = _spec_embedding(pipe, spec, prompt)
+        keep = our_mask[0].bool()
+        assert mask[0].sum() == min(keep.sum() + 1, keep.numel())  # Chroma un-masks the first padding position too
+        torch.testing.assert_close(embeds[0][keep], ours[0][keep], rtol=0, atol=0)
+
+
+def test_chroma_prune_generate_save_load(tmp_path):
+    pipe = make_chroma()
+    dense = pipe.text_encoder
+    spec = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders["text_encoder"]
+    dense_latents = generate_llm(pipe)
+    plan = skrr.Plan(skip=[1, 2], reuse={2: 0})
+    if HAS_SEARCH:
+        plan = skrr.prune_pipeline(pipe, T5_PROMPT_CORPUS[:4], sparsity=0.15, beam=2, chunk_size=4,
+                                   max_sequence_length=T5_MAX_SEQUENCE)["text_encoder"]
+        assert len(plan.skip) >= 1
+    else:  # pragma: no cover - depends on the build
         skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
     latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
     assert latents.shape == dense_latents.shape

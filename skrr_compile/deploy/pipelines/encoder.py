@@ -27,6 +27,7 @@ SUPPORTED_PIPELINES = {
     "SanaPipeline": "sana",
     "Lumina2Pipeline": "lumina2",
     "ZImagePipeline": "zimage",
+    "ChromaPipeline": "chroma",
 }
 
 

@@ -18,6 +18,7 @@ What each supported family feeds its denoiser, and so what the discrepancy of ea
                                  system prompt (masked)                   .caption_embedder (RMSNorm, Linear)
   Z-Image       text_encoder     Qwen3 hidden_states[-2] behind the     transformer.cap_embedder (RMSNorm, Linear)
                                  tokenizer's chat template (mask tokens)
+  Chroma        text_encoder     T5 last_hidden_state (mask tokens)     transformer.context_embedder
 
 LLM encoders (issue 12) add what the pipeline wraps and drops: `template` ("...{prompt}...", the null prompt
 goes through it too), `drop_tokens` (the first N tokens left out of D), `hidden_layer` (another layer than
@@ -36,6 +37,9 @@ Z-Image (`_encode_prompt`) renders the prompt as one user turn through the token
 hidden_states[-2] and hands the denoiser only the mask tokens; the spec renders the template with the
 placeholder "{prompt}" as the content, so a tokenizer's template that rewrites the content would be caught
 by the spec test, not silently mis-scored.
+Chroma (`_get_t5_prompt_embeds`) passes T5 the tokenizer's mask and un-masks, for the denoiser, the mask
+tokens plus the first padding position; the spec scores the mask tokens and leaves that one padding
+position out (T5 sees it masked, so it carries no prompt token of its own).
 Families not listed are refused with UnsupportedPipelineError ( Chroma, AuraFlow, Wan,
 HiDream, Flux2, Qwen-Image: not yet specified, issue 12 item 5).
 
@@ -267,7 +271,9 @@ def describe_pipeline(pipe, max_sequence_length: int | None = None, **call_kwarg
         )
     family = family_of(pipe)
     builders = {"pixart": _pixart, "sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
-    if family in ("sana", "lumina2", "zimage"):
+    if family == "chroma":
+        specs = _chroma(pipe, max_sequence_length)
+    elif family in ("sana", "lumina2", "zimage"):
         specs = {"sana": _sana, "lumina2": _lumina2, "zimage": _zimage}[family](pipe, max_sequence_length, **call_kwargs)
     else:
         if call_kwargs:
@@ -434,5 +440,15 @@ def _zimage(pipe, max_seq):
         "text_encoder": EncoderSpec(
             "text_encoder", "tokenizer", (EncoderOutput("hidden_states[-2]", "transformer.cap_embedder"),),
             attention_mask=True, read="mask", padding="longest", max_length=m, template=template, hidden_layer=-2,
+        )
+    }
+
+
+def _chroma(pipe, max_seq):
+    n = max_seq or _call_default(pipe, "max_sequence_length", 512)
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer", (EncoderOutput("last_hidden_state", "transformer.context_embedder"),),
+            attention_mask=True, read="mask", padding="longest", max_length=n,
         )
     }
