@@ -336,7 +336,7 @@ def generate_llm(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch
                       complex_human_instruction=SANA_INSTRUCTION)
     if name.startswith("Lumina2"):
         kwargs.update(max_sequence_length=LUMINA2_MAX_SEQUENCE, system_prompt=LUMINA2_SYSTEM)
-    if name.startswith("Chroma"):
+    if name.startswith(("Chroma", "AuraFlow")):
         kwargs.update(max_sequence_length=T5_MAX_SEQUENCE)
     if name.startswith("ZImage"):
         kwargs.update(max_sequence_length=ZIMAGE_MAX_SEQUENCE, height=32, width=32)
@@ -435,3 +435,36 @@ def make_chroma():
 
 
 LLM_FACTORIES["chroma"] = make_chroma
+
+
+def umt5_encoder(d_model: int = 32, layers: int = 2, seed: int = 71):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(
+        vocab_size=max(160, len(t5_tokenizer())), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0,
+    )
+    torch.manual_seed(seed)
+    model = UMT5EncoderModel(cfg).eval()
+    _randomize(model, seed=seed)
+    return model
+
+
+def make_auraflow():
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(73)
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+        out_channels=4, pos_embed_max_size=64,
+    ).eval()
+    _randomize(transformer.context_embedder, seed=74)
+    return AuraFlowPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=umt5_encoder(), vae=_tiny_vae(latent_channels=4),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+LLM_FACTORIES["auraflow"] = make_auraflow

@@ -24,6 +24,7 @@ from pipeline_factories import (  # noqa: E402
     T5_PROMPT_CORPUS,
     ZIMAGE_MAX_SEQUENCE,
     generate_llm,
+    make_auraflow,
     make_chroma,
     make_lumina2,
     make_sana,
@@ -171,6 +172,33 @@ def test_chroma_prune_generate_save_load(tmp_path):
         skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
     latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
     assert latents.shape == dense_latents.shape
+
+
+def test_auraflow_spec_reads_what_encode_prompt_produces():
+    pipe = make_auraflow()
+    spec = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders["text_encoder"]
+    assert spec.template is None and spec.read == "mask" and spec.attention_mask
+    assert spec.to_dict()["outputs"] == ["last_hidden_state -> transformer.context_embedder"]
+    for prompt in ("a cat", "two dogs playing in the snow"):
+        with torch.no_grad():
+            embeds, mask, *_ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                  max_sequence_length=T5_MAX_SEQUENCE, device="cpu")
+        ours, our_mask = _spec_embedding(pipe, spec, prompt)
+        keep = our_mask[0].bool()
+        assert torch.equal(mask.view(1, keep.numel(), -1)[0, :, 0].bool(), keep) and (embeds[0][~keep] == 0).all()  # mask: embedding-shaped
+        torch.testing.assert_close(embeds[0][keep], ours[0][keep], rtol=0, atol=0)
+
+
+def test_auraflow_apply_generate_save_load(tmp_path):
+    pipe = make_auraflow()
+    dense = pipe.text_encoder
+    spec = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders["text_encoder"]
+    dense_latents = generate_llm(pipe)
+    plan = skrr.Plan(skip=[1, 2], reuse={2: 0})  # UMT5: the re-used attention brings its own position table
+    skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
+    latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
+    assert latents.shape == dense_latents.shape
+    assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
 
 
 def _check_pruned(pipe, spec, plan, dense_encoder, tmp_path):

@@ -28,6 +28,7 @@ SUPPORTED_PIPELINES = {
     "Lumina2Pipeline": "lumina2",
     "ZImagePipeline": "zimage",
     "ChromaPipeline": "chroma",
+    "AuraFlowPipeline": "auraflow",
 }
 
 

@@ -19,6 +19,7 @@ What each supported family feeds its denoiser, and so what the discrepancy of ea
   Z-Image       text_encoder     Qwen3 hidden_states[-2] behind the     transformer.cap_embedder (RMSNorm, Linear)
                                  tokenizer's chat template (mask tokens)
   Chroma        text_encoder     T5 last_hidden_state (mask tokens)     transformer.context_embedder
+  AuraFlow      text_encoder     UMT5 last_hidden_state x mask          transformer.context_embedder
 
 LLM encoders (issue 12) add what the pipeline wraps and drops: `template` ("...{prompt}...", the null prompt
 goes through it too), `drop_tokens` (the first N tokens left out of D), `hidden_layer` (another layer than
@@ -40,6 +41,8 @@ by the spec test, not silently mis-scored.
 Chroma (`_get_t5_prompt_embeds`) passes T5 the tokenizer's mask and un-masks, for the denoiser, the mask
 tokens plus the first padding position; the spec scores the mask tokens and leaves that one padding
 position out (T5 sees it masked, so it carries no prompt token of its own).
+AuraFlow (`encode_prompt`) pads UMT5's input to max_sequence_length, passes the mask and zeroes the
+embedding outside it: only mask tokens carry anything to the denoiser.
 Families not listed are refused with UnsupportedPipelineError ( Chroma, AuraFlow, Wan,
 HiDream, Flux2, Qwen-Image: not yet specified, issue 12 item 5).
 
@@ -271,8 +274,8 @@ def describe_pipeline(pipe, max_sequence_length: int | None = None, **call_kwarg
         )
     family = family_of(pipe)
     builders = {"pixart": _pixart, "sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
-    if family == "chroma":
-        specs = _chroma(pipe, max_sequence_length)
+    if family in ("chroma", "auraflow"):
+        specs = _chroma(pipe, max_sequence_length)  # AuraFlow reads its UMT5 the same way (mask tokens)
     elif family in ("sana", "lumina2", "zimage"):
         specs = {"sana": _sana, "lumina2": _lumina2, "zimage": _zimage}[family](pipe, max_sequence_length, **call_kwargs)
     else:
@@ -445,7 +448,8 @@ def _zimage(pipe, max_seq):
 
 
 def _chroma(pipe, max_seq):
-    n = max_seq or _call_default(pipe, "max_sequence_length", 512)
+    """Chroma (T5) and AuraFlow (UMT5): the last hidden state of the mask tokens -> context_embedder."""
+    n = max_seq or _call_default(pipe, "max_sequence_length", 256 if type(pipe).__name__.startswith("Aura") else 512)
     return {
         "text_encoder": EncoderSpec(
             "text_encoder", "tokenizer", (EncoderOutput("last_hidden_state", "transformer.context_embedder"),),
