@@ -244,3 +244,12 @@ def test_sana_prune_pipeline_search(tmp_path):
     assert len(plan.skip) >= 1
     assert plans.spec.encoders["text_encoder"].template == spec.template
     _check_pruned(pipe, spec, plan, dense, tmp_path)
+
+
+def test_not_yet_specified_llm_pipelines_are_refused_with_the_reason():
+    from skrr_compile.deploy.pipelines.encoder import UnsupportedPipelineError
+    from skrr_compile.deploy.pipelines.specs import family_of
+
+    WanPipeline = type("WanPipeline", (), {})  # noqa: N806 - only the class name is looked at
+    with pytest.raises(UnsupportedPipelineError, match="Wan .*not written yet"):
+        family_of(WanPipeline())

@@ -221,10 +221,26 @@ class UnmaskedTokenizer:
         return f"UnmaskedTokenizer({type(self._tokenizer).__name__})"
 
 
+# LLM-encoder families of issue 12 whose denoiser reads are not specified yet: refused with the reason
+NOT_YET_SPECIFIED = {
+    "WanPipeline": "Wan (UMT5, text-to-video): its spec is not written yet",
+    "HiDreamImagePipeline": "HiDream (CLIP-L, CLIP-G, T5, Llama-3.1): its spec is not written yet",
+    "Flux2Pipeline": "FLUX.2 (Mistral, a stack of layers): whether its encoder traces is not checked yet",
+    "Flux2KleinPipeline": "FLUX.2 Klein: whether its encoder traces is not checked yet",
+    "QwenImagePipeline": "Qwen-Image (Qwen2.5-VL): whether its encoder traces is not checked yet",
+}
+
+
 def family_of(pipe) -> str:
     for cls in type(pipe).__mro__:
         if cls.__name__ in SUPPORTED_PIPELINES:
             return SUPPORTED_PIPELINES[cls.__name__]
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in NOT_YET_SPECIFIED:
+            raise UnsupportedPipelineError(
+                f"{type(pipe).__name__} is not supported yet: {NOT_YET_SPECIFIED[cls.__name__]}; "
+                f"supported: {', '.join(SUPPORTED_PIPELINES)}"
+            )
     raise UnsupportedPipelineError(
         f"{type(pipe).__name__} is not a supported pipeline; supported: {', '.join(SUPPORTED_PIPELINES)} "
         "(and their subclasses)"
