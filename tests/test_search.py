@@ -183,9 +183,11 @@ def test_laco_merge_is_not_a_copy_and_lands_in_the_applied_model():
         assert torch.equal(bound[name], merged), name
     ids, mask = cal.chunks[0]
     with torch.no_grad():
-        plain = skrr.apply(graph, res.plan)(ids, attention_mask=mask).last_hidden_state
+        plain = skrr.apply(graph, skrr.Plan(skip=res.plan.skip))(ids, attention_mask=mask).last_hidden_state
         got = pruned(ids, attention_mask=mask).last_hidden_state
     assert not torch.allclose(got, plain)  # the merged weights change the output: not a plain skip
+    with pytest.raises(skrr.PlanError, match="needs their merged weights"):
+        skrr.apply(graph, res.plan)  # the LaCo plan alone would be a plain skip: refused
 
 
 def test_early_abandoning_happens_and_exact_ties_go_to_the_lower_index():
