@@ -350,3 +350,22 @@ def test_cli_prune_pipeline_search(tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "skrr_pipeline.json").read_text())
     assert summary["pruned"]["text_encoder"]["sparsity"] >= 0.2
     assert summary["reports"]["text_encoder"]["reads"] == ["last_hidden_state -> identity"]
+
+
+def test_saved_pipeline_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    pipe = FACTORIES["pixart_alpha"]() if "pixart_alpha" in FACTORIES else FACTORIES[sorted(FACTORIES)[0]]()
+    enc = next(n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, n, None) is not None)
+    skrr.apply_to_pipeline(pipe, {enc: skrr.Plan(skip=[1])})
+    old = os.umask(0o027)
+    try:
+        save_pipeline(pipe, tmp_path / "p")
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "p", *(tmp_path / "p").rglob("*")]
+    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths
+             if stat.S_IMODE(p.stat().st_mode) != (0o750 if p.is_dir() else 0o640)}
+    assert not wrong
+    assert any(p.name.endswith(".safetensors") for p in paths)

@@ -11,6 +11,7 @@ from skrr_compile.core.storage import MODEL_FILE, NotAPrunedModelError, read_mod
 from skrr_compile.deploy.pipelines.encoder import SUMMARY_FILE, TEXT_ENCODERS, PrunedTextEncoder
 from skrr_compile.deploy.pipelines.prune import PipelinePlans
 from skrr_compile.deploy.pipelines.specs import describe_pipeline, present_encoders
+from skrr_compile.utils.files import follow_umask
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -34,6 +35,9 @@ def save_pipeline(pipe, directory: str | Path, plans: PipelinePlans | None = Non
         if plans.spec is not None:
             summary["spec"] = plans.spec.to_dict()
     (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    for path in [directory, *directory.rglob("*")]:  # files some savers create 0600 follow the umask too
+        if not path.is_symlink():
+            follow_umask(path, 0o777 if path.is_dir() else 0o666)
     return directory
 
 
