@@ -774,3 +774,23 @@ def test_library_apply_refuses_a_laco_plan_without_its_merged_weights():
 
     assert torch.equal(named_tensors(pruned.graph_module)[name], merged[name])
     assert not torch.equal(dict(model.named_parameters())[name], merged[name])  # the dense model is untouched
+
+
+def test_compiled_bert_with_token_type_ids_has_no_graph_break_and_still_checks_them():
+    import torch
+    from factories import FAMILIES, inputs
+
+    import skrr_compile as skrr
+
+    pruned = skrr.apply(FAMILIES["bert"].make(seed=2), skrr.Plan(skip=[1]))
+    ids, mask = inputs(2, 7)
+    zeros = torch.zeros_like(ids)
+    explained = torch._dynamo.explain(pruned)(ids, attention_mask=mask, token_type_ids=zeros)
+    assert explained.graph_break_count == 0, [str(r.reason)[:100] for r in explained.break_reasons]
+    compiled = torch.compile(pruned, backend="eager")
+    torch.testing.assert_close(compiled(ids, attention_mask=mask, token_type_ids=zeros).last_hidden_state,
+                               pruned(ids, attention_mask=mask).last_hidden_state)
+    with pytest.raises(RuntimeError, match="token_type_ids = 0"):
+        compiled(ids, attention_mask=mask, token_type_ids=torch.ones_like(ids))
+    with pytest.raises(ValueError, match="non-zero token_type_ids"):
+        pruned(ids, attention_mask=mask, token_type_ids=torch.ones_like(ids))

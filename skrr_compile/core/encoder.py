@@ -69,8 +69,11 @@ class PrunedEncoder(nn.Module):
         **kwargs,
     ):
         token_types = kwargs.pop("token_type_ids", None)
-        if token_types is not None and bool(token_types.any()):
-            raise ValueError("the pruned encoder was traced with token_type_ids = 0; got non-zero token_type_ids")
+        if token_types is not None:
+            if torch.compiler.is_compiling():  # a data-dependent branch would break the graph: assert in-graph
+                torch._assert_async(token_types.eq(0).all(), "the pruned encoder was traced with token_type_ids = 0")
+            elif bool(token_types.any()):
+                raise ValueError("the pruned encoder was traced with token_type_ids = 0; got non-zero token_type_ids")
         given = [k for k in _UNSUPPORTED_INPUTS if kwargs.get(k) is not None]
         if given or output_attentions:
             raise ValueError(
