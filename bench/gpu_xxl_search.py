@@ -33,8 +33,6 @@ def main() -> int:
     cfg = tf.T5Config(**XXL)
     with torch.device("meta"):
         meta = tf.T5EncoderModel(cfg).to(torch.bfloat16)
-    projection_meta = torch.nn.Linear(4096, 1152, device="meta", dtype=torch.bfloat16)
-    del projection_meta
     dry = plan_memory(StagedRunner(skrr.trace(meta)), padded_shapes(args.prompts, args.length, args.chunk_size),
                       projection_width=1152, dtype=torch.bfloat16, cache_bytes=int(args.cache_gb * 2**30), beam=3,
                       device="cuda")

@@ -166,7 +166,6 @@ class Evaluator:
         # (the smallest stride that stores at most `fit` of them: the budget is used, not left idle)
         self.stride = (K - 1) // (max(1, fit) + 1) + 1
         self.per_boundary_bytes = per_boundary[0]
-        self.cache_bytes = cache_bytes
         self.states: dict = {}
         self.runner.counter.block_evals = 0  # the reference forward is not part of the search's cost
 

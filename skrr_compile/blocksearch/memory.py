@@ -13,7 +13,6 @@ torch.export graph, with the symbolic batch and sequence sizes replaced by the c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -175,6 +174,3 @@ def padded_shapes(n_prompts: int, length: int, chunk_size: int) -> list[tuple[in
     full, rest = divmod(n_prompts, chunk_size)
     return [(chunk_size, length)] * full + ([(rest, length)] if rest else [])
 
-
-__all__ = ["MemoryPlan", "plan_memory", "measured_peak", "peak_rss", "chunk_shapes_of", "padded_shapes", "GiB",
-           "math"]

@@ -12,7 +12,6 @@ files (`SafetensorsSource`), read only when a stage moves to the device.
 
 from __future__ import annotations
 
-import functools
 import json
 import mmap
 import struct
@@ -85,7 +84,10 @@ class WeightStore:
         owner = {p: k for k, b in enumerate(graph.blocks) for p in b.params}
         tied = dict(tied or {})  # HF's all_tied_weights_keys: tied name -> the name the checkpoint stores
         tied.update({v: k for k, v in list(tied.items())})
-        self.host = {t: self._host(gm, t, source, tied) for t in targets}
+        aliases = _aliases(gm) if source is not None else {}
+        for a, b in tied.items():
+            aliases[a] = (*aliases.get(a, ()), b)
+        self.host = {t: self._host(gm, t, source, aliases.get(t, ())) for t in targets}
         self.groups: dict = {k: [t for t in targets if owner.get(t) == k] for k in range(len(graph.blocks))}
         shared = [t for t in targets if t not in owner]
         size = lambda names: sum(self._nbytes(self.host[t]) for t in names)  # noqa: E731
@@ -113,11 +115,11 @@ class WeightStore:
         return t.numel() * torch.empty((), dtype=dtype).element_size()
 
     @staticmethod
-    def _host(gm, target: str, source: SafetensorsSource | None, tied: dict):
+    def _host(gm, target: str, source: SafetensorsSource | None, aliases: tuple[str, ...]):
         t = fetch_attr(gm, target)
         if source is None or not (isinstance(t, torch.Tensor) and t.is_meta):
             return t
-        key = source.key_for(target, (*_aliases(gm).get(target, ()), *([tied[target]] if target in tied else [])))
+        key = source.key_for(target, aliases)
         if key is None:
             raise KeyError(f"the checkpoint has no tensor for {target!r} (shape {list(t.shape)}); "
                            "--offload disk needs every parameter in the checkpoint's safetensors")
@@ -189,16 +191,12 @@ class WeightStore:
                 "stage_loads": self.loads}
 
 
-@functools.lru_cache(maxsize=8)
-def _alias_table(gm) -> dict[str, tuple[str, ...]]:
+def _aliases(gm) -> dict[str, tuple[str, ...]]:
+    """Other names of each parameter that is shared under several names."""
     groups: dict[int, list[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
     return {n: tuple(x for x in names if x != n) for names in groups.values() for n in names}
-
-
-def _aliases(gm) -> dict[str, tuple[str, ...]]:
-    return _alias_table(gm)
 
 
 def source_digest(directory) -> str:

@@ -25,7 +25,13 @@ from skrr_compile.blocksearch.run import (
 from skrr_compile.blocksearch.selectors import output_selector, parse_layers
 from skrr_compile.blocksearch.target import check_sparsity
 from skrr_compile.cli.main import CLIError, check_out_dir
-from skrr_compile.core.checkpoints import describe_source, load_encoder, load_tokenizer, resolve_model_path
+from skrr_compile.core.checkpoints import (
+    describe_source,
+    load_empty_encoder,
+    load_encoder,
+    load_tokenizer,
+    resolve_model_path,
+)
 from skrr_compile.core.plan import Plan
 from skrr_compile.core.storage import load, read_model_meta, save
 from skrr_compile.core.trace import trace
@@ -200,28 +206,10 @@ def _load(model_path: str, tokenizer_dir: str | None = None, args=None):
 
     dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, torch.device(_device(args)))
     if args.offload == "disk":
-        return path, empty_encoder(path, dtype), tok
+        if not path.is_dir():
+            raise CLIError(f"--offload disk needs a checkpoint directory with safetensors, got {str(path)!r}")
+        return path, load_empty_encoder(path, dtype), tok
     return path, load_encoder(path, dtype=dtype), tok
-
-
-def empty_encoder(path, dtype):
-    """The encoder built from its config with parameters on the meta device and real buffers: with
-    --offload disk the weights are read from the checkpoint's safetensors by memory map instead."""
-    import transformers
-    from accelerate import init_empty_weights
-
-    from skrr_compile.core.checkpoints import encoder_architecture, load_config, refuse_pruned_dir
-
-    if not path.is_dir():
-        raise CLIError(f"--offload disk needs a checkpoint directory with safetensors, got {str(path)!r}")
-    refuse_pruned_dir(path)
-    config = load_config(path)
-    cls = getattr(transformers, encoder_architecture(config))
-    with init_empty_weights(include_buffers=False):
-        model = cls(config)
-    model.tie_weights()  # as from_pretrained does, so tied embeddings are one tensor, counted once
-    model = model.to(dtype)  # meta parameters and floating buffers in the search dtype
-    return model.eval()
 
 
 def _check_numbers(args) -> None:

@@ -201,6 +201,22 @@ def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     return model.to(device).eval()
 
 
+def load_empty_encoder(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The encoder of a checkpoint directory built from its config with parameters on the meta device and
+    real buffers, tied weights tied (as from_pretrained does): `--offload disk` then reads the weights from
+    the checkpoint's safetensors by memory map, so the model is never loaded whole."""
+    from accelerate import init_empty_weights
+
+    p = resolve_model_path(path)
+    refuse_pruned_dir(p)
+    config = load_config(p)
+    cls = getattr(transformers, encoder_architecture(config))
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+    model.tie_weights()
+    return model.to(dtype).eval()
+
+
 def _check_loaded(p: Path, model, info: dict) -> None:
     """Weights the checkpoint lacks stay random: refused in the layer stack or embeddings, else a warning
     (a masked-LM checkpoint has no pooler, which the last hidden state does not read)."""
