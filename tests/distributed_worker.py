@@ -2,8 +2,9 @@
 
     python tests/distributed_worker.py api OUT_JSON [STATE_DIR] [--resume]   # T5 with re-use, API
     python tests/distributed_worker.py cli ARGS...                            # the CLI (skrr_compile.cli.main)
+    python tests/distributed_worker.py wanda OUT_PT                           # Wanda norms, masks, hybrid weights
 SKRR_TEST_STOP_AFTER=N: Ctrl-C (KeyboardInterrupt) on every rank at the N-th selection.
-SKRR_TEST_DIE_RANK=R: rank R dies (os._exit) at the 2nd selection.
+SKRR_TEST_DIE_RANK=R: rank R dies (os._exit) at the 2nd selection, or at its 1st Wanda calibration batch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from skrr_compile.blocksearch import evaluator  # noqa: E402
+from skrr_compile.magnitude import wanda  # noqa: E402
 
 torch.set_num_threads(1)
 rank = int(os.environ.get("RANK", "0"))
@@ -37,6 +39,16 @@ def select(self, *a, **k):
 
 
 evaluator.Evaluator.select = select
+real_batch_sums = wanda._batch_sums
+
+
+def batch_sums(*a, **k):
+    if os.environ.get("SKRR_TEST_DIE_RANK") == str(rank):
+        os._exit(3)
+    return real_batch_sums(*a, **k)
+
+
+wanda._batch_sums = batch_sums
 
 
 def t5_calibration():
@@ -46,6 +58,29 @@ def t5_calibration():
 
     chunks = [inputs(3, 9 + i, seed=i) for i in range(5)]  # 5 chunks: shards of 3 and 2
     return Calibration(prompts=["p"] * 15, chunks=chunks, null=inputs(1, 3, seed=99, pad_last=False))
+
+
+def wanda_results() -> dict:
+    """Wanda on a T5 encoder (hooks), on a Skrr-pruned T5 graph (recording nodes) and on an MLP fed a list
+    of forward kwargs, each calibrated on 5 / 5 / 3 batches (uneven shards over 2 ranks)."""
+    from factories import FAMILIES
+
+    from skrr_compile.core.plan import Plan
+    from skrr_compile.magnitude.config import MagnitudeConfig
+    from skrr_compile.magnitude.layers import select_layers
+    from skrr_compile.magnitude.prune import compute_masks, hybrid
+
+    config = MagnitudeConfig(0.5, "wanda")
+    model, cal = FAMILIES["t5-gated"].make(seed=4), t5_calibration()
+    out = {f"norm.{k}": v for k, v in wanda.input_norms(model, select_layers(model, config), cal).items()}
+    out.update({f"mask.{k}": v for k, v in compute_masks(model, config, cal)[0].items()})
+    pruned, _ = hybrid(FAMILIES["t5-gated"].make(seed=4), Plan(skip=[1], reuse={1: 3}), config, cal)
+    out.update({f"hybrid.{k}": v for k, v in pruned.state_dict().items()})
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    batches = [{"input": torch.randn(4, 6)} for _ in range(3)]
+    out.update({f"mlp.{k}": v for k, v in wanda.input_norms(mlp, select_layers(mlp, config), batches).items()})
+    return out
 
 
 def main() -> int:
@@ -60,6 +95,11 @@ def main() -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    if mode == "wanda":
+        results = wanda_results()
+        if rank == 0:
+            torch.save(results, sys.argv[2])
+        return 0
     out, state = Path(sys.argv[2]), (sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None)
     model = FAMILIES["t5-gated"].make(seed=4)
     try:

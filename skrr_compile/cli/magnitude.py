@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from skrr_compile.blocksearch.calibration import read_prompts, tokenize
-from skrr_compile.cli.main import CLIError, check_out_dir, print_json
+from skrr_compile.blocksearch.distributed import current_group
+from skrr_compile.cli.main import CLIError, agree, check_out_dir, distributed, join_group, print_json
 from skrr_compile.core.checkpoints import resolve_model_path
 from skrr_compile.core.plan import Plan
 from skrr_compile.magnitude.config import CRITERIA, PRESETS, WANDA_GROUPS, MagnitudeConfig, get_preset
@@ -99,11 +100,13 @@ def _prune_options(p, multi: bool = False) -> None:
     p.add_argument("--calib-limit", type=int, default=128)
     p.add_argument("--latent-size", type=int, default=32, help="denoiser: latent height/width of fixed inputs")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="load components in this dtype")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
 
 
 def _command(args, name: str) -> str:
     """The command line that reproduces `args` (for reports)."""
-    skip = {"func", "command", "model", "overwrite", "json"}
+    skip = {"func", "command", "model", "overwrite", "json", "dist_timeout"}
     parts = ["skrr-compile", name, str(args.model)]
     defaults = {a.dest: a.default for a in _parser_for(name)._actions}
     for key, value in vars(args).items():
@@ -152,11 +155,19 @@ def _check_out(args) -> None:
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if current_group().is_writer:  # logs on rank 0 only
+        print(msg, file=sys.stderr, flush=True)
 
 
 def cmd_magnitude(args) -> int:
-    _check_out(args)
+    """Under torchrun, Wanda's calibration batches are sharded across the ranks (`wanda.input_norms`: the norms
+    are bit-identical to one process); rank 0 alone writes. Other criteria need no data: rank 0 alone prunes."""
+    group = join_group("cpu", args.dist_timeout)  # magnitude pruning runs on the host: gloo
+    agree(group, lambda: _check_out(args))
+    return distributed(lambda: _magnitude(args, group), hint="nothing was written; run it again")
+
+
+def _magnitude(args, group) -> int:
     path = resolve_model_path(args.model)
     pipeline = is_pipeline_dir(path)
     targets: dict = {}
@@ -177,6 +188,8 @@ def cmd_magnitude(args) -> int:
         raise CLIError("give --target (e.g. text_encoder=0.475,unet=0.35, or 0.5 for a single model) or --preset")
     targets = resolve_targets(path, targets)
     criterion = criterion or "magnitude"
+    if criterion != "wanda" and not group.is_writer:
+        return 0
     if args.plan and (args.plan_component if pipeline else SINGLE) not in targets:
         raise CLIError(f"--plan is for component {args.plan_component!r}, which is not among the targets {list(targets)}")
     components, reports, summary = {}, {}, {}
@@ -200,6 +213,8 @@ def cmd_magnitude(args) -> int:
         reports[name] = result.to_dict()
         summary[name] = {"config": config.to_dict(), "hybrid": bool(is_plan_target),
                          "sparsity": result.sparsity.to_dict(), "threshold": result.threshold}
+    if not group.is_writer:  # the other ranks calibrated their shard and write nothing
+        return 0
     sizes = save_pruned(
         args.out, path, components, reports,
         summary={"command": _command(args, "magnitude"), "preset": args.preset, "components": summary},

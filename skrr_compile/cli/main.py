@@ -66,6 +66,50 @@ def check_out_dir(path: str | Path, *, may_exist_nonempty: bool = False, label: 
     return out
 
 
+def join_group(device: str = "cpu", timeout_s: float = 600.0):
+    """Under torchrun: join the process group (gloo on CPU, NCCL on CUDA); otherwise a single process (Solo)."""
+    from skrr_compile.blocksearch.distributed import init_from_env
+
+    return init_from_env(device, timeout_s=timeout_s)
+
+
+RESUME_HINT = "the last checkpoint in --out resumes with --resume, with any number of ranks"
+
+
+def distributed(run, hint: str = RESUME_HINT):
+    """Run `run()`; a collective that fails because another rank died or hung becomes a one-line error
+    (`hint`: what the user can do next)."""
+    import torch.distributed as dist
+
+    try:
+        return run()
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or isinstance(e, CLIError):
+            raise
+        raise CLIError(f"rank {dist.get_rank()}: another rank stopped or timed out "
+                       f"({str(e).splitlines()[0][:160]}); {hint}") from e
+
+
+def agree(group, check):
+    """`check()` on rank 0 alone (it reads --out), its result or its one-line error given to every rank, so a
+    refused input stops all ranks at once instead of leaving the others waiting for rank 0."""
+    if group.world == 1:
+        return check()
+    outcome = None
+    if group.is_writer:
+        try:
+            outcome = ("ok", check())
+        except (CLIError, ValueError, OSError) as e:
+            error = e
+            outcome = ("error", _one_line(e))
+    outcome = distributed(lambda: group.broadcast_object(outcome))
+    if outcome[0] == "error":
+        if group.is_writer:
+            raise error
+        raise CLIError(f"rank 0: {outcome[1]}")
+    return outcome[1]
+
+
 def _oserror_line(e: OSError) -> str:
     """One line for an OSError: what failed, on which path."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -8,8 +8,11 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
+
 from skrr_compile.blocksearch.calibration import read_prompts
 from skrr_compile.blocksearch.checkpoint import STATE_FILE, input_key
+from skrr_compile.blocksearch.distributed import ShardedDiscrepancy, local
 from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.laco import save_plan
 from skrr_compile.blocksearch.report import write_report
@@ -22,9 +25,9 @@ from skrr_compile.blocksearch.run import (
     result_row,
     search,
 )
-from skrr_compile.blocksearch.selectors import output_selector, parse_layers
+from skrr_compile.blocksearch.selectors import output_selector, parse_layers, with_hidden_states
 from skrr_compile.blocksearch.target import check_sparsity
-from skrr_compile.cli.main import CLIError, check_out_dir
+from skrr_compile.cli.main import CLIError, agree, check_out_dir, distributed, join_group
 from skrr_compile.core.checkpoints import (
     describe_source,
     load_empty_encoder,
@@ -162,6 +165,8 @@ def register(sub) -> None:
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
     p.set_defaults(func=cmd_compare)
 
 
@@ -243,7 +248,11 @@ def _run_search(args, out: Path):
                     hidden_layer=args.hidden_layer, **_memory_kwargs(args))
     pruned = materialize(graph, result)
     dense = model if result.weights is None else materialize(graph, SearchResult(Plan(), {}, {}, result.weights))
-    held = heldout_report(dense, pruned, held_cal, select=output_selector(args.hidden_layer)) if args.heldout else None
+    held = None
+    if args.heldout:  # sharded across the ranks under torchrun, folded in global chunk order
+        select = output_selector(args.hidden_layer)
+        metric = ShardedDiscrepancy(with_hidden_states(dense, select), held_cal, select=select)
+        held = metric.evaluate(with_hidden_states(pruned, select)).to_dict()
     row = result_row(graph, result, pruned, held)
     return path, model, tok, graph, result, pruned, row
 
@@ -258,36 +267,16 @@ def _prepare_out(args) -> Path:
     return out
 
 
-def _join_group(args):
-    """Under torchrun: join the process group (gloo on CPU, NCCL on CUDA); otherwise a single process."""
-    from skrr_compile.blocksearch.distributed import init_from_env
-
-    return init_from_env(_device(args), timeout_s=args.dist_timeout)
-
-
-def _distributed(run):
-    """Run `run()`; a collective that fails because another rank died or hung becomes a one-line error."""
-    import torch.distributed as dist
-
-    try:
-        return run()
-    except (dist.DistError, RuntimeError) as e:
-        if not dist.is_initialized() or isinstance(e, CLIError):
-            raise
-        raise CLIError(f"rank {dist.get_rank()}: another rank stopped or timed out ({str(e).splitlines()[0][:160]}); "
-                       "the last checkpoint in --out resumes with --resume, with any number of ranks") from e
-
-
 def cmd_search(args) -> int:
     if args.dry_run:
         return dry_run(args)
-    group = _join_group(args)
+    group = join_group(_device(args), args.dist_timeout)
+    out = agree(group, lambda: _prepare_out(args))
     if not group.is_writer:  # ranks > 0 score their shard and write nothing
         args._writer = False
-        _distributed(lambda: _run_search(args, Path(args.out)))
+        distributed(lambda: _run_search(args, out))
         return 0
-    out = _prepare_out(args)
-    path, _, _, _, result, _, row = _distributed(lambda: _run_search(args, out))
+    path, _, _, _, result, _, row = distributed(lambda: _run_search(args, out))
     save_plan(result.plan, result.overrides, out / "plan.json")  # LaCo: + plan.merged.safetensors
     write_report(out, [row], title=f"{args.method} search", command=_command(), notes=_source_notes(path),
                  extra={"search": result.report, "source": describe_source(path)})
@@ -299,13 +288,13 @@ def cmd_search(args) -> int:
 def cmd_prune(args) -> int:
     if args.dry_run:
         return dry_run(args)
-    group = _join_group(args)
+    group = join_group(_device(args), args.dist_timeout)
+    out = agree(group, lambda: _prepare_out(args))
     if not group.is_writer:
         args._writer = False
-        _distributed(lambda: _run_search(args, Path(args.out)))
+        distributed(lambda: _run_search(args, out))
         return 0
-    out = _prepare_out(args)
-    path, _, tok, _, result, pruned, row = _distributed(lambda: _run_search(args, out))
+    path, _, tok, _, result, pruned, row = distributed(lambda: _run_search(args, out))
     pruned.info["source"] = str(path.resolve())
     state = (out / STATE_FILE).read_text() if (out / STATE_FILE).exists() else None
     tmp_report = out.with_name(f".{out.name}.report")
@@ -374,6 +363,45 @@ def _compare_rows(state_path: Path, done_path: Path, key: str, out: str) -> list
     return rows
 
 
+def _check_compare_out(args, out: Path, state_path: Path) -> None:
+    if out.is_dir() and any(out.iterdir()) and not state_path.is_file():
+        raise CLIError(f"--out {args.out!r} is not empty and holds no earlier compare run; choose a new directory")
+
+
+def _start_compare(args, out: Path, state_path: Path, done_path: Path, key: str, path) -> list[dict]:
+    """Rank 0: the rows an earlier run finished (same inputs only); --out and its state file created."""
+    rows = _compare_rows(state_path, done_path, key, args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not state_path.is_file():
+        atomic_write_text(state_path, json.dumps({"key": key, "model": str(path)}, indent=1))
+    return rows
+
+
+def _tensors_digest(tensors: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode() + str(t.dtype).encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _compare_search(args, group, model, tok, cal, graph, s: float, m: str) -> SearchResult:
+    """One method's search: data-parallel over the ranks, except LaCo (not distributed yet), which every rank
+    runs whole on its own (no rank waits for another meanwhile) and whose results must then agree."""
+    kw = {"sparsity": s, "method": m, "beam": args.beam, "progress": not args.quiet and group.is_writer,
+          "graph": graph, "hidden_layer": args.hidden_layer}
+    if m != "laco" or group.world == 1:
+        return search(model, tok, cal, **kw)
+    with local():
+        result = search(model, tok, cal, **kw)
+    mine = (result.plan.to_json(), _tensors_digest(result.overrides))
+    if any(other != mine for other in group.gather_objects(mine)):
+        raise CLIError(f"laco at {s:.2f}: the ranks' results differ (non-deterministic kernels?); run laco in one process")
+    return result
+
+
 def cmd_compare(args) -> int:
     try:
         sparsities = [float(s) for s in args.sparsity.split(",")]
@@ -390,8 +418,8 @@ def cmd_compare(args) -> int:
     out = check_out_dir(args.out, may_exist_nonempty=True)
     state_path = out / COMPARE_STATE  # ties the rows to the model weights, prompts and options they came from
     done_path = out / "rows.jsonl"  # one line per finished (method, sparsity): a rerun continues from here
-    if out.is_dir() and any(out.iterdir()) and not state_path.is_file():
-        raise CLIError(f"--out {args.out!r} is not empty and holds no earlier compare run; choose a new directory")
+    group = join_group("cpu", args.dist_timeout)  # compare searches the model where it is loaded: the host
+    agree(group, lambda: _check_compare_out(args, out, state_path))
     path, model, tok = _load(args.model, args.tokenizer)
     graph = trace(model)
     cal = _calibration(args, tok)
@@ -399,32 +427,40 @@ def cmd_compare(args) -> int:
     key = input_key(graph, cal, beam=args.beam, read=args.read,
                     heldout=input_key(graph, held) if held is not None else None,
                     **{k: v for k, v in (("drop_tokens", args.drop_tokens), ("hidden_layer", args.hidden_layer)) if v})
-    rows = _compare_rows(state_path, done_path, key, args.out)
+    rows = agree(group, lambda: _start_compare(args, out, state_path, done_path, key, path))  # resumes with any world
     have = {(r["method"], r["target"]) for r in rows}
-    out.mkdir(parents=True, exist_ok=True)
-    if not state_path.is_file():
-        atomic_write_text(state_path, json.dumps({"key": key, "model": str(path)}, indent=1))
     notes = [f"dense model: {path}", *_source_notes(path), f"{cal.num_prompts} calibration prompts",
              f"{held.num_prompts} held-out prompts" if held else "no held-out set"]
+    if group.world > 1:
+        notes.append(f"searched on {group.world} ranks (prompt chunks sharded, results identical to one process)"
+                     + ("; laco is not distributed yet: every rank ran it whole and their results agreed"
+                        if "laco" in methods else ""))
+    writer = group.is_writer
+    select = output_selector(args.hidden_layer)
+    heldout = distributed(lambda: ShardedDiscrepancy(with_hidden_states(model, select), held, select=select)) if held else None
     for s in sparsities:
         for m in methods:
             if (m, s) in have:
                 continue
             try:
-                result = search(model, tok, cal, sparsity=s, method=m, beam=args.beam, progress=not args.quiet,
-                                graph=graph, hidden_layer=args.hidden_layer)
-            except SearchError as e:
-                print(f"{m:>10} @ {s:.2f}: skipped: {e}", flush=True)
+                result = distributed(lambda: _compare_search(args, group, model, tok, cal, graph, s, m))  # noqa: B023
+            except SearchError as e:  # the same on every rank: the inputs are the same
+                if writer:
+                    print(f"{m:>10} @ {s:.2f}: skipped: {e}", flush=True)
                 notes.append(f"{m} at {s:.2f}: {e}")
                 continue
             pruned = materialize(graph, result)
-            row = result_row(graph, result, pruned, heldout_report(model, pruned, held, select=output_selector(args.hidden_layer)) if held else None)
+            held_report = distributed(lambda: heldout.evaluate(with_hidden_states(pruned, select))).to_dict() \
+                if held else None  # noqa: B023
+            row = result_row(graph, result, pruned, held_report)
             rows.append(row)
+            if not writer:
+                continue
             with done_path.open("a") as f:
                 f.write(json.dumps(row, default=str) + "\n")
             print(f"{m:>10} @ {s:.2f}: sparsity {row['sparsity']:.4f}, calib D {row['calib_discrepancy']:.5g}"
                   + (f", held-out D {row['heldout_discrepancy']:.5g}" if held else ""), flush=True)
-    write_report(out, rows, title=f"compare on {Path(str(path)).name}", command=_command(), notes=notes)
-    print(f"report -> {out / 'report.md'}")
+    if writer:
+        write_report(out, rows, title=f"compare on {Path(str(path)).name}", command=_command(), notes=notes)
+        print(f"report -> {out / 'report.md'}")
     return 0
-

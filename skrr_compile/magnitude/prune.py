@@ -20,7 +20,7 @@ from skrr_compile.magnitude.layers import (
     select_layers,
 )
 from skrr_compile.magnitude.masks import check_nm_shape, global_masks, magnitude_mask, nm_mask, rowwise_mask
-from skrr_compile.magnitude.wanda import calibration_runner, input_norms, wanda_scores
+from skrr_compile.magnitude.wanda import input_norms, wanda_scores
 from skrr_compile.utils.tensors import bind_tensors, named_tensors
 
 aten = torch.ops.aten
@@ -86,7 +86,7 @@ def compute_masks(
     if config.criterion == "wanda" and norms is None:
         if calibration is None:
             raise ValueError("criterion 'wanda' needs calibration data (prompts for a text encoder, inputs for a denoiser)")
-        norms = input_norms(model, layers, calibration_runner(calibration))
+        norms = input_norms(model, layers, calibration)
     if config.criterion == "global":
         masks, threshold = global_masks([layer.weight for layer in layers], config.sparsity)
         return {layer.name: m for layer, m in zip(layers, masks)}, threshold

@@ -28,7 +28,7 @@ from skrr_compile.blocksearch.calibration import Calibration, tokenize
 from skrr_compile.magnitude.config import MagnitudeConfig, check_sparsity
 from skrr_compile.magnitude.layers import select_layers
 from skrr_compile.magnitude.prune import prune, restore, snapshot
-from skrr_compile.magnitude.wanda import calibration_runner, input_norms
+from skrr_compile.magnitude.wanda import input_norms
 from skrr_compile.utils.files import write_dir_atomically
 
 JUMP_FACTOR = 3.0
@@ -170,7 +170,7 @@ def sweep(
     if criterion == "wanda":
         if calibration is None:
             raise ValueError("a Wanda sweep needs calibration data (prompts for a text encoder, inputs for a denoiser)")
-        norms = input_norms(model, layers, calibration_runner(calibration))
+        norms = input_norms(model, layers, calibration)
     points = []
     try:
         for s in sparsities:
