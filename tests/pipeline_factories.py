@@ -328,7 +328,7 @@ LLM_MAX_SEQUENCE = 12  # max_sequence_length the LLM-encoder pipelines run with 
 
 
 def generate_llm(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch.Tensor:
-    """Two steps at 16x16 (Sana: 32x32) from a fixed seed for the LLM-encoder pipelines; returns the latents."""
+    """Two steps at 16x16 (Sana, Z-Image: 32x32; Wan: 5 frames) from a fixed seed; returns the latents."""
     kwargs = dict(GEN_KWARGS)
     name = type(pipe).__name__
     if name.startswith("Sana"):
@@ -340,9 +340,13 @@ def generate_llm(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch
         kwargs.update(max_sequence_length=T5_MAX_SEQUENCE)
     if name.startswith("ZImage"):
         kwargs.update(max_sequence_length=ZIMAGE_MAX_SEQUENCE, height=32, width=32)
+    if name.startswith("HiDream"):
+        kwargs.update(max_sequence_length=T5_MAX_SEQUENCE)
+    if name.startswith("Wan"):  # a short video: 5 frames -> 2 latent frames
+        kwargs.update(max_sequence_length=T5_MAX_SEQUENCE, num_frames=5)
     with torch.no_grad():
         out = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
-    return out.images
+    return out.frames if name.startswith("Wan") else out.images
 
 
 LUMINA2_SYSTEM = "user prompt : a photo"  # Lumina 2's system_prompt, tiny
@@ -468,3 +472,76 @@ def make_auraflow():
 
 
 LLM_FACTORIES["auraflow"] = make_auraflow
+
+
+def make_wan():
+    """Wan 2.1 text-to-video: UMT5 (d 32) -> condition_embedder.text_embedder (32 -> 24); a 3-D VAE."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+    torch.manual_seed(81)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    _randomize(transformer.condition_embedder.text_embedder, seed=82)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    return WanPipeline(tokenizer=t5_tokenizer(), text_encoder=umt5_encoder(seed=83), vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+LLM_FACTORIES["wan"] = make_wan
+
+
+def llama_lm(hidden: int = 16, layers: int = 3, seed: int = 91):
+    """A LlamaForCausalLM (HiDream's text_encoder_4 class) over llm_tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(llm_tokenizer()) + 4, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256, pad_token_id=0,
+        bos_token_id=2, eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    _randomize(model, seed=seed)
+    return model
+
+
+HIDREAM_LLAMA_LAYERS = (0, 2, 2)  # transformer.config.llama_layers: hidden_states[1:][k] per block, one repeated
+
+
+def make_hidream():
+    """HiDream: CLIP-L (16) + CLIP-G (24) pooled -> p_embedder; T5 (32) and Llama (16, layers 1, 3, 3) -> one
+    caption projection each."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HiDreamImagePipeline,
+        HiDreamImageTransformer2DModel,
+    )
+
+    torch.manual_seed(93)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[32, 16], text_emb_dim=16 + 24, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=HIDREAM_LLAMA_LAYERS,
+    ).eval()
+    _randomize(transformer.caption_projection, transformer.p_embedder, seed=94)
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(latent_channels=4),
+        text_encoder=clip_encoder(16, projection=16, seed=95), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_encoder(24, projection=24, seed=96), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_encoder(32, seed=97), tokenizer_3=t5_tokenizer(),
+        text_encoder_4=llama_lm(), tokenizer_4=llm_tokenizer(), transformer=transformer,
+    )
+    pipe.default_sample_size = 16  # HiDream rescales every request to this area (default 128 x 128 latents)
+    return pipe
+
+
+LLM_FACTORIES["hidream"] = make_hidream

@@ -16,6 +16,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("tokenizers")
 
 from pipeline_factories import (  # noqa: E402
+    HIDREAM_LLAMA_LAYERS,
     LLM_MAX_SEQUENCE,
     LUMINA2_MAX_SEQUENCE,
     LUMINA2_SYSTEM,
@@ -26,8 +27,10 @@ from pipeline_factories import (  # noqa: E402
     generate_llm,
     make_auraflow,
     make_chroma,
+    make_hidream,
     make_lumina2,
     make_sana,
+    make_wan,
     make_zimage,
 )
 
@@ -41,7 +44,7 @@ SANA_KWARGS = {"complex_human_instruction": SANA_INSTRUCTION}
 
 def _spec_embedding(pipe, spec, prompt: str, encoder=None) -> torch.Tensor:
     """The embedding the spec says the denoiser reads: template, length, mask, first drop_tokens left out."""
-    tok = getattr(pipe, spec.tokenizer)
+    tok = spec.calibration_tokenizer(pipe)  # the tokenizer as the pipeline calls it (mask, special tokens)
     text = prompt if spec.template is None else spec.template.replace("{prompt}", prompt)
     enc = tok([text], padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
     encoder = encoder if encoder is not None else getattr(pipe, spec.component)
@@ -49,6 +52,18 @@ def _spec_embedding(pipe, spec, prompt: str, encoder=None) -> torch.Tensor:
         out = encoder(enc.input_ids, attention_mask=enc.attention_mask if spec.attention_mask else None,
                       output_hidden_states=spec.hidden_states)
     return spec.select()(out)[:, spec.drop_tokens:], enc.attention_mask[:, spec.drop_tokens:]
+
+
+def _prune(pipe, max_sequence_length: int, component: str = "text_encoder", **kwargs) -> skrr.Plan:
+    """prune_pipeline (a Skrr search on 4 prompts to 15 %) where the build has the search, else a fixed plan."""
+    plan = skrr.Plan(skip=[1, 2], reuse={2: 0})
+    if not HAS_SEARCH:  # pragma: no cover - depends on the build
+        skrr.apply_to_pipeline(pipe, {component: plan})
+        return plan
+    plans = skrr.prune_pipeline(pipe, T5_PROMPT_CORPUS[:4], sparsity=0.15, chunk_size=4,
+                                max_sequence_length=max_sequence_length, **kwargs)
+    assert len(plans[component].skip) >= 1
+    return plans[component]
 
 
 def test_sana_spec_reads_what_encode_prompt_produces():
@@ -133,14 +148,7 @@ def test_zimage_prune_generate_save_load(tmp_path):
     dense = pipe.text_encoder
     spec = describe_pipeline(pipe, ZIMAGE_MAX_SEQUENCE).encoders["text_encoder"]
     dense_latents = generate_llm(pipe)
-    if HAS_SEARCH:
-        plans = skrr.prune_pipeline(pipe, T5_PROMPT_CORPUS[:4], sparsity=0.15, beam=1, chunk_size=4,
-                                    max_sequence_length=ZIMAGE_MAX_SEQUENCE)
-        plan = plans["text_encoder"]
-        assert len(plan.skip) >= 1
-    else:  # pragma: no cover - depends on the build
-        plan = skrr.Plan(skip=[1, 2], reuse={2: 0})
-        skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
+    plan = _prune(pipe, ZIMAGE_MAX_SEQUENCE, beam=1)
     latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
     assert latents.shape == dense_latents.shape
 
@@ -163,13 +171,7 @@ def test_chroma_prune_generate_save_load(tmp_path):
     dense = pipe.text_encoder
     spec = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders["text_encoder"]
     dense_latents = generate_llm(pipe)
-    plan = skrr.Plan(skip=[1, 2], reuse={2: 0})
-    if HAS_SEARCH:
-        plan = skrr.prune_pipeline(pipe, T5_PROMPT_CORPUS[:4], sparsity=0.15, beam=2, chunk_size=4,
-                                   max_sequence_length=T5_MAX_SEQUENCE)["text_encoder"]
-        assert len(plan.skip) >= 1
-    else:  # pragma: no cover - depends on the build
-        skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
+    plan = _prune(pipe, T5_MAX_SEQUENCE, beam=2)
     latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
     assert latents.shape == dense_latents.shape
 
@@ -201,22 +203,97 @@ def test_auraflow_apply_generate_save_load(tmp_path):
     assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
 
 
-def _check_pruned(pipe, spec, plan, dense_encoder, tmp_path):
-    enc = pipe.text_encoder
-    assert isinstance(enc, PrunedTextEncoder) and enc.plan.skip == plan.skip and enc.plan.reuse == plan.reuse
-    reference = skrr.apply(dense_encoder, plan)
-    for prompt in T5_PROMPT_CORPUS[:2]:
-        ours, _ = _spec_embedding(pipe, spec, prompt)
-        ref, _ = _spec_embedding(pipe, spec, prompt, encoder=reference)
-        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+def test_wan_spec_reads_what_encode_prompt_produces():
+    pipe = make_wan()
+    spec = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders["text_encoder"]
+    assert spec.template is None and spec.read == "mask" and spec.attention_mask and spec.module is None
+    assert spec.to_dict()["outputs"] == ["last_hidden_state -> transformer.condition_embedder.text_embedder"]
+    assert describe_pipeline(pipe).encoders["text_encoder"].max_length == 512  # WanPipeline.__call__'s default
+    for prompt in ("a cat", "a red sofa at night"):
+        with torch.no_grad():
+            embeds = pipe._get_t5_prompt_embeds(prompt, max_sequence_length=T5_MAX_SEQUENCE, device="cpu")
+        ours, our_mask = _spec_embedding(pipe, spec, prompt)
+        keep = our_mask[0].bool()
+        assert (embeds[0][~keep] == 0).all() and keep.sum() < keep.numel()  # Wan zeroes the padding
+        torch.testing.assert_close(embeds[0][keep], ours[0][keep], rtol=0, atol=0)
+
+
+def test_wan_prune_generate_video_save_load(tmp_path):
+    pipe = make_wan()
+    dense = pipe.text_encoder
+    spec = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders["text_encoder"]
+    dense_video = generate_llm(pipe)
+    plan = _prune(pipe, T5_MAX_SEQUENCE, beam=2)
+    video = _check_pruned(pipe, spec, plan, dense, tmp_path)
+    assert video.shape == dense_video.shape and video.shape[2] == 2  # latent frames of a 5-frame video
+    assert not torch.allclose(video, dense_video, atol=1e-4), "pruning had no effect on the generation"
+
+
+def test_hidream_specs_read_what_encode_prompt_produces():
+    pipe = make_hidream()
+    specs = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders
+    assert [n for n, es in specs.items() if es.default] == ["text_encoder_3", "text_encoder_4"]  # CLIPs: when named
+    assert specs["text_encoder_4"].module == "model" and specs["text_encoder_4"].hidden_layer == (1, 3, 3)
+    for prompt in ("a cat", "a red sofa at night"):
+        with torch.no_grad():
+            t5, _, llama, _, pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                             max_sequence_length=T5_MAX_SEQUENCE, device="cpu")
+            ours = {n: _spec_embedding(pipe, es, prompt)[0] for n, es in specs.items()}
+            torch.testing.assert_close(torch.cat([ours["text_encoder"], ours["text_encoder_2"]], -1), pooled,
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(ours["text_encoder_3"], t5, rtol=0, atol=0)  # every padded position
+            read = torch.cat([llama[k] for k in HIDREAM_LLAMA_LAYERS], dim=-1)  # the transformer's llama_layers
+            torch.testing.assert_close(ours["text_encoder_4"], read, rtol=0, atol=0)
+            # each read layer through its own caption projection, as the transformer applies them
+            projected = specs["text_encoder_4"].projections(pipe)(ours["text_encoder_4"])
+            expected = [pipe.transformer.caption_projection[i](llama[k]) for i, k in enumerate(HIDREAM_LLAMA_LAYERS)]
+            torch.testing.assert_close(projected, torch.cat(expected, -1), rtol=0, atol=0)
+            proj_t5 = specs["text_encoder_3"].projections(pipe)
+            torch.testing.assert_close(proj_t5(t5), pipe.transformer.caption_projection[-1](t5), rtol=0, atol=0)
+
+
+def test_hidream_prune_generate_save_load(tmp_path):
+    pipe = make_hidream()
+    clips, t5, llama = (pipe.text_encoder, pipe.text_encoder_2), pipe.text_encoder_3, pipe.text_encoder_4.model
+    specs = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders
+    dense_latents = generate_llm(pipe)
+    if HAS_SEARCH:  # the default: T5 and Llama
+        plans = skrr.prune_pipeline(pipe, T5_PROMPT_CORPUS[:4], sparsity=0.15, beam=2, chunk_size=4,
+                                    max_sequence_length=T5_MAX_SEQUENCE)
+        assert sorted(plans) == ["text_encoder_3", "text_encoder_4"] and all(len(p.skip) >= 1 for p in plans.values())
+    else:  # pragma: no cover - depends on the build
+        plans = {"text_encoder_3": skrr.Plan(skip=[1, 2]), "text_encoder_4": skrr.Plan(skip=[1, 2], reuse={2: 0})}
+        skrr.apply_to_pipeline(pipe, plans)
+    assert (pipe.text_encoder, pipe.text_encoder_2) == clips  # the CLIPs stay dense
+    assert pipe.text_encoder_4.num_params < sum(p.numel() for p in llama.parameters())  # no LM head either
+    latents = _check_pruned(pipe, specs["text_encoder_4"], plans["text_encoder_4"], llama, tmp_path,
+                            (specs["text_encoder_3"], plans["text_encoder_3"], t5))
+    assert latents.shape == dense_latents.shape
+    assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
+
+
+def _check_pruned(pipe, spec, plan, dense_encoder, tmp_path, *more):
+    """The pruned encoder(s) (spec, plan, dense encoder; `more` as triples) equal skrr.apply on the same plan;
+    the pipeline generates, saves and loads with them."""
+    pruned = [(spec, plan, dense_encoder), *more]
+    for spec_, plan_, dense_ in pruned:
+        enc = getattr(pipe, spec_.component)
+        assert isinstance(enc, PrunedTextEncoder) and enc.plan.skip == plan_.skip and enc.plan.reuse == plan_.reuse
+        reference = skrr.apply(dense_, plan_)
+        for prompt in T5_PROMPT_CORPUS[:2]:
+            ours, _ = _spec_embedding(pipe, spec_, prompt)
+            ref, _ = _spec_embedding(pipe, spec_, prompt, encoder=reference)
+            torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     latents = generate_llm(pipe)
     assert torch.isfinite(latents).all()
     skrr.save_pipeline(pipe, tmp_path / "pruned")
     loaded = skrr.load_pipeline(tmp_path / "pruned")
-    assert isinstance(loaded.text_encoder, PrunedTextEncoder) and loaded.text_encoder.plan.skip == plan.skip
-    for prompt in T5_PROMPT_CORPUS[:2]:
-        torch.testing.assert_close(_spec_embedding(loaded, spec, prompt)[0], _spec_embedding(pipe, spec, prompt)[0],
-                                   rtol=0, atol=0)
+    for spec_, plan_, _ in pruned:
+        saved = getattr(loaded, spec_.component)
+        assert isinstance(saved, PrunedTextEncoder) and saved.plan.skip == plan_.skip
+        for prompt in T5_PROMPT_CORPUS[:2]:
+            torch.testing.assert_close(_spec_embedding(loaded, spec_, prompt)[0],
+                                       _spec_embedding(pipe, spec_, prompt)[0], rtol=0, atol=0)
     return latents
 
 
@@ -250,6 +327,6 @@ def test_not_yet_specified_llm_pipelines_are_refused_with_the_reason():
     from skrr_compile.deploy.pipelines.encoder import UnsupportedPipelineError
     from skrr_compile.deploy.pipelines.specs import family_of
 
-    WanPipeline = type("WanPipeline", (), {})  # noqa: N806 - only the class name is looked at
-    with pytest.raises(UnsupportedPipelineError, match="Wan .*not written yet"):
-        family_of(WanPipeline())
+    Flux2Pipeline = type("Flux2Pipeline", (), {})  # noqa: N806 - only the class name is looked at
+    with pytest.raises(UnsupportedPipelineError, match="FLUX.2 .*not checked yet"):
+        family_of(Flux2Pipeline())

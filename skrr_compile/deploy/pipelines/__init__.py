@@ -25,7 +25,7 @@ from skrr_compile.deploy.pipelines.specs import (
     EncoderOutput,
     EncoderSpec,
     PipelineSpec,
-    UnmaskedTokenizer,
+    PipelineTokenizer,
     describe_pipeline,
 )
 from skrr_compile.deploy.pipelines.storage import encoder_sizes, load_into, load_pipeline, save_pipeline
@@ -36,7 +36,7 @@ __all__ = [
     "EncoderSpec",
     "PipelineSpec",
     "PipelinePlans",
-    "UnmaskedTokenizer",
+    "PipelineTokenizer",
     "UnsupportedPipelineError",
     "NoTextEncoderError",
     "SUPPORTED_PIPELINES",

@@ -29,10 +29,12 @@ SUPPORTED_PIPELINES = {
     "ZImagePipeline": "zimage",
     "ChromaPipeline": "chroma",
     "AuraFlowPipeline": "auraflow",
+    "WanPipeline": "wan",
+    "HiDreamImagePipeline": "hidream",
 }
 
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 
 
 SUMMARY_FILE = "skrr_pipeline.json"
@@ -68,6 +70,11 @@ class PrunedTextEncoder(PrunedEncoder):
         new = cls(pruned.graph_module, pruned.config, pruned.plan, pruned.architecture, pruned.info)
         new.train(pruned.training)
         return new
+
+    def forward(self, *args, output_attentions: bool | None = None, **kwargs):
+        """PrunedEncoder.forward; `output_attentions` is accepted and gives no attention maps (HiDream asks for
+        them from its Llama encoder and never reads them)."""
+        return super().forward(*args, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         save_pruned(self, save_directory, overwrite=True)

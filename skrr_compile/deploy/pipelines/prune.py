@@ -38,7 +38,7 @@ def apply_to_pipeline(pipe, plans: Mapping[str, Plan | str | Path | dict]):
     resolved = {name: _resolve_plan(plan) for name, plan in plans.items()}
     pruned = {}
     for name, plan in resolved.items():  # prune all before swapping any: a bad plan leaves the pipe as it was
-        encoder = getattr(pipe, name)
+        encoder = spec.encoders[name].encoder(pipe)
         if isinstance(encoder, PrunedEncoder):
             raise ValueError(f"pipe.{name} is already pruned (plan skip={list(encoder.plan.skip)}); plans apply to dense encoders")
         pruned[name] = PrunedTextEncoder.from_pruned(apply(encoder, plan))
@@ -117,10 +117,11 @@ def prune_pipeline(
     pipeline_kwargs: Mapping | None = None,
     **search_kwargs,
 ) -> PipelinePlans:
-    """Search a plan for each (or the named) text encoder(s) of `pipe` and swap in the pruned encoders.
+    """Search a plan for each (or the named, or "all") text encoder(s) of `pipe` and swap in the pruned encoders.
 
     The discrepancy of each encoder covers every output the pipeline reads from it, through the module that
-    consumes it (see the module docstring). `sparsity` is per encoder (a float, or a dict per component).
+    consumes it (see the module docstring); by default every encoder but those a family leaves out (HiDream's
+    CLIPs; `describe_pipeline(pipe).encoders[name].default`). `sparsity` is per encoder (a float, or a dict per component).
     `prompts`: a list, or a .txt/.jsonl/.tsv/.csv file. Further keyword arguments go to
     `skrr_compile.search` (e.g. beam, chunk_size); `overrides[component]` to that encoder's search only.
     Returns component -> Plan (with `.reports`); `apply_plans=False` leaves the pipeline dense.
@@ -137,13 +138,13 @@ def prune_pipeline(
     from skrr_compile.blocksearch.calibration import read_prompts
 
     spec = describe_pipeline(pipe, max_sequence_length, **dict(pipeline_kwargs or {}))
-    names = _select_encoders(spec, encoders)
+    names = _select_encoders(spec, list(sparsity) if isinstance(sparsity, Mapping) and encoders is None else encoders)
     prompts = read_prompts(prompts)
     overrides = dict(overrides or {})
     plans, reports = {}, {}
     for name in names:
         es = spec.encoders[name]
-        encoder = getattr(pipe, name)
+        encoder = es.encoder(pipe)
         if isinstance(encoder, PrunedEncoder):
             raise ValueError(f"pipe.{name} is already pruned; load the dense pipeline to search again")
         target = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
@@ -160,7 +161,9 @@ def prune_pipeline(
 
 
 def _select_encoders(spec: PipelineSpec, encoders) -> list[str]:
-    if encoders is None or encoders == "all":
+    if encoders is None:
+        return [n for n, es in spec.encoders.items() if es.default]
+    if encoders == "all":
         return list(spec.encoders)
     names = [encoders] if isinstance(encoders, str) else list(encoders)
     unknown = [n for n in names if n not in spec.encoders]

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from skrr_compile.core.encoder import PrunedEncoder
 from skrr_compile.deploy.pipelines.encoder import (
     SUPPORTED_PIPELINES,
     TEXT_ENCODERS,
@@ -74,6 +75,20 @@ from skrr_compile.deploy.pipelines.encoder import (
 # ---------------------------------------------------------------------------------------------------
 # what a pipeline reads from each encoder
 # ---------------------------------------------------------------------------------------------------
+class BlockwiseProjection(nn.Module):
+    """Block i of the input channels through module i, outputs concatenated (HiDream: a projection per layer)."""
+
+    def __init__(self, parts: list[nn.Module], width: int):
+        super().__init__()
+        self.parts, self.width = nn.ModuleList(parts), width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = x.split(self.width, dim=-1)
+        if len(blocks) != len(self.parts):
+            raise ValueError(f"expected {len(self.parts)} blocks of {self.width} channels, got {x.shape[-1]} channels")
+        return torch.cat([part(b) for part, b in zip(self.parts, blocks)], dim=-1)
+
+
 class ColumnProjection(nn.Linear):
     """The block of a consumer linear layer that multiplies one encoder's channels (no bias)."""
 
@@ -86,14 +101,22 @@ class ColumnProjection(nn.Linear):
         return f"{self.consumer}[:, {self.columns[0]}:{self.columns[1]}]"
 
 
+def _module(pipe, path: str) -> nn.Module:
+    module = pipe
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
 @dataclass(frozen=True)
 class EncoderOutput:
     """One output of a text encoder that the pipeline consumes."""
 
-    name: str  # "last_hidden_state" | "pooler_output" | "text_embeds" | "hidden_states[-2]"
-    consumer: str | None = None  # module path in the pipeline; None: read as is (identity)
+    name: str  # "last_hidden_state" | "pooler_output" | "text_embeds" | "hidden_states[-2]" | "hidden_states[10,20]"
+    consumer: str | tuple[str, ...] | None = None  # module path in the pipeline (a tuple: applied in turn); None: identity
     columns: tuple[int, int] | None = None  # block of the consumer's input features this output fills
     pooled: bool = False
+    blockwise: int = 0  # with a tuple consumer: module i reads the i-th block of this many channels (not in turn)
 
     def read(self, out) -> torch.Tensor:
         if self.name.startswith("hidden_states["):
@@ -103,7 +126,8 @@ class EncoderOutput:
                     f"{self.name} is read but the encoder returned no hidden states; call it with "
                     "output_hidden_states=True"
                 )
-            return hidden[int(self.name[len("hidden_states[") : -1])]
+            layers = [int(k) for k in self.name[len("hidden_states[") : -1].split(",")]
+            return hidden[layers[0]] if len(layers) == 1 else torch.cat([hidden[k] for k in layers], dim=-1)
         value = getattr(out, self.name, None)
         if value is None:
             raise ValueError(f"the encoder output has no {self.name!r} (fields: {list(out.keys())})")
@@ -112,9 +136,12 @@ class EncoderOutput:
     def projection(self, pipe) -> nn.Module | None:
         if self.consumer is None:
             return None
-        module = pipe
-        for part in self.consumer.split("."):
-            module = getattr(module, part)
+        if isinstance(self.consumer, tuple):
+            modules = [_module(pipe, path) for path in self.consumer]
+            if self.blockwise:
+                return BlockwiseProjection(modules, self.blockwise)
+            return nn.Sequential(*modules)
+        module = _module(pipe, self.consumer)
         if self.columns is None:
             return module
         linear = module
@@ -125,6 +152,8 @@ class EncoderOutput:
 
     def describe(self) -> str:
         target = "identity" if self.consumer is None else self.consumer
+        if isinstance(target, tuple):
+            target = (f"per {self.blockwise}-channel block: " + ", ".join(target)) if self.blockwise else " -> ".join(target)
         if self.columns is not None:
             target += f"[:, {self.columns[0]}:{self.columns[1]}]"
         return f"{self.name} -> {target}"
@@ -144,6 +173,9 @@ class EncoderSpec:
     template: str | None = None  # "...{prompt}...": the text the pipeline wraps each prompt in (LLM encoders)
     drop_tokens: int = 0  # the first N tokens of each embedding never reach the denoiser
     hidden_layer: int | tuple[int, ...] | None = None  # hidden_states index (or stack) read instead of the last
+    module: str | None = None  # the text model inside the component that is traced and pruned (an LLM's ".model")
+    special_tokens: bool = True  # False: the template already holds them (a chat template's BOS), add none
+    default: bool = True  # pruned when prune_pipeline is not told which encoders to prune
 
     @property
     def hidden_states(self) -> bool:
@@ -163,11 +195,35 @@ class EncoderSpec:
         projections = tuple(o.projection(pipe) for o in self.outputs)
         return projections[0] if len(projections) == 1 else projections
 
+    def encoder(self, pipe) -> nn.Module:
+        """The module that is traced and pruned: the component, or the text model inside it (`module`).
+
+        The pipeline calls the component with input_ids and a mask only and reads hidden states that the text
+        model alone computes, so the pruned text model replaces the whole component (an LM head or a vision
+        tower the pipeline never calls is left out).
+        """
+        component = getattr(pipe, self.component)
+        if self.module is None or isinstance(component, PrunedEncoder):
+            return component
+        try:
+            return component.get_submodule(self.module)
+        except AttributeError as e:
+            raise UnsupportedPipelineError(
+                f"pipe.{self.component} is a {type(component).__name__} without .{self.module}, the text model "
+                f"this pipeline's encoder runs ({e})"
+            ) from e
+
     def calibration_tokenizer(self, pipe):
         tokenizer = getattr(pipe, self.tokenizer)
         if tokenizer is None:
             raise NoTextEncoderError(f"pipe.{self.tokenizer} (the tokenizer of {self.component}) is None")
-        return tokenizer if self.attention_mask else UnmaskedTokenizer(tokenizer)
+        from transformers import ProcessorMixin
+
+        if isinstance(tokenizer, ProcessorMixin):  # FLUX.2's processor: its text goes through its tokenizer
+            tokenizer = tokenizer.tokenizer
+        if self.attention_mask and self.special_tokens:
+            return tokenizer
+        return PipelineTokenizer(tokenizer, mask=self.attention_mask, special_tokens=self.special_tokens)
 
     def to_dict(self) -> dict:
         return {
@@ -181,6 +237,9 @@ class EncoderSpec:
             "template": self.template,
             "drop_tokens": self.drop_tokens,
             "hidden_layer": self.hidden_layer,
+            "module": self.module,
+            "special_tokens": self.special_tokens,
+            "default": self.default,
         }
 
 
@@ -198,19 +257,22 @@ class PipelineSpec:
         }
 
 
-class UnmaskedTokenizer:
-    """The tokenizer as the pipeline uses it for an encoder it calls without a mask: an all-ones mask."""
+class PipelineTokenizer:
+    """The tokenizer as the pipeline uses it: an all-ones mask for an encoder it calls without one (`mask=False`),
+    no special tokens added to a text whose template already holds them (`special_tokens=False`)."""
 
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer, mask: bool = False, special_tokens: bool = True):
+        self._tokenizer, self._mask, self._special = tokenizer, mask, special_tokens
 
     def __getattr__(self, name):
         return getattr(self._tokenizer, name)
 
     def __call__(self, *args, **kwargs):
+        if not self._special:
+            kwargs["add_special_tokens"] = False
         enc = self._tokenizer(*args, **kwargs)
         mask = enc.get("attention_mask") if hasattr(enc, "get") else None
-        if mask is not None:
+        if mask is not None and not self._mask:
             if isinstance(mask, torch.Tensor):
                 enc["attention_mask"] = torch.ones_like(mask)
             else:
@@ -218,13 +280,11 @@ class UnmaskedTokenizer:
         return enc
 
     def __repr__(self) -> str:
-        return f"UnmaskedTokenizer({type(self._tokenizer).__name__})"
+        return f"PipelineTokenizer({type(self._tokenizer).__name__}, mask={self._mask}, special_tokens={self._special})"
 
 
 # LLM-encoder families of issue 12 whose denoiser reads are not specified yet: refused with the reason
 NOT_YET_SPECIFIED = {
-    "WanPipeline": "Wan (UMT5, text-to-video): its spec is not written yet",
-    "HiDreamImagePipeline": "HiDream (CLIP-L, CLIP-G, T5, Llama-3.1): its spec is not written yet",
     "Flux2Pipeline": "FLUX.2 (Mistral, a stack of layers): whether its encoder traces is not checked yet",
     "Flux2KleinPipeline": "FLUX.2 Klein: whether its encoder traces is not checked yet",
     "QwenImagePipeline": "Qwen-Image (Qwen2.5-VL): whether its encoder traces is not checked yet",
@@ -258,6 +318,11 @@ def _call_default(pipe, name: str, fallback: int) -> int:
     return fallback
 
 
+def _call_value(pipe, name: str, fallback):
+    param = _call_parameter(pipe, name)
+    return fallback if param is None or param.default in (None, inspect.Parameter.empty) else param.default
+
+
 def _call_parameter(pipe, name: str):
     try:
         return inspect.signature(type(pipe).__call__).parameters.get(name)
@@ -289,15 +354,11 @@ def describe_pipeline(pipe, max_sequence_length: int | None = None, **call_kwarg
             f"its components: {', '.join(components) or 'none'})"
         )
     family = family_of(pipe)
-    builders = {"pixart": _pixart, "sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
-    if family in ("chroma", "auraflow"):
-        specs = _chroma(pipe, max_sequence_length)  # AuraFlow reads its UMT5 the same way (mask tokens)
-    elif family in ("sana", "lumina2", "zimage"):
-        specs = {"sana": _sana, "lumina2": _lumina2, "zimage": _zimage}[family](pipe, max_sequence_length, **call_kwargs)
-    else:
-        if call_kwargs:
-            raise TypeError(f"{type(pipe).__name__}: unexpected pipeline arguments {sorted(call_kwargs)}")
-        specs = builders[family](pipe, max_sequence_length)
+    builder = BUILDERS[family]
+    unexpected = sorted(set(call_kwargs) - set(list(inspect.signature(builder).parameters)[2:]))
+    if unexpected:
+        raise TypeError(f"{type(pipe).__name__}: unexpected pipeline arguments {unexpected}")
+    specs = builder(pipe, max_sequence_length, **call_kwargs)
     encoders = {name: spec for name, spec in specs.items() if name in present}
     if not encoders:
         raise NoTextEncoderError(f"{type(pipe).__name__}: none of its text encoders is loaded")
@@ -442,19 +503,27 @@ def _lumina2(pipe, max_seq, system_prompt=None):
     }
 
 
-def _zimage(pipe, max_seq):
-    """Z-Image: Qwen3's penultimate layer behind the tokenizer's chat template, mask tokens only."""
-    m = max_seq or _call_default(pipe, "max_sequence_length", 512)
+def _chat_template(pipe, messages: list[dict], **kwargs) -> str:
+    """The pipeline's chat template rendered with the placeholder "{prompt}" as the prompt's text.
+
+    A template that rewrites the content would be caught here or by the spec test, not silently mis-scored.
+    """
     tokenizer = pipe.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise UnsupportedPipelineError(
-            f"{type(pipe).__name__}: its tokenizer has no chat template, which Z-Image renders every prompt through"
+            f"{type(pipe).__name__}: its tokenizer has no chat template, which the pipeline renders every prompt through"
         )
-    template = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "{prompt}"}], tokenize=False, add_generation_prompt=True, enable_thinking=True,
-    )
+    template = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     if template.count("{prompt}") != 1:
         raise UnsupportedPipelineError(f"{type(pipe).__name__}: the chat template does not keep the prompt verbatim")
+    return template
+
+
+def _zimage(pipe, max_seq):
+    """Z-Image: Qwen3's penultimate layer behind the tokenizer's chat template, mask tokens only."""
+    m = max_seq or _call_default(pipe, "max_sequence_length", 512)
+    template = _chat_template(pipe, [{"role": "user", "content": "{prompt}"}], add_generation_prompt=True,
+                              enable_thinking=True)
     return {
         "text_encoder": EncoderSpec(
             "text_encoder", "tokenizer", (EncoderOutput("hidden_states[-2]", "transformer.cap_embedder"),),
@@ -472,3 +541,116 @@ def _chroma(pipe, max_seq):
             attention_mask=True, read="mask", padding="longest", max_length=n,
         )
     }
+
+
+def _wan(pipe, max_seq):
+    """Wan: UMT5's last hidden state, zeroed beyond the mask -> each transformer's text embedder."""
+    n = max_seq or _call_default(pipe, "max_sequence_length", 512)
+    outputs = tuple(
+        EncoderOutput("last_hidden_state", f"{t}.condition_embedder.text_embedder")
+        for t in ("transformer", "transformer_2") if getattr(pipe, t, None) is not None
+    )
+    return {
+        "text_encoder": EncoderSpec("text_encoder", "tokenizer", outputs, attention_mask=True, read="mask",
+                                    padding="longest", max_length=n)
+    }
+
+
+def _hidream(pipe, max_seq):
+    """HiDream: pooled CLIP-L|CLIP-G -> p_embedder; T5 and every Llama layer the transformer reads -> its own
+    caption projection. T5 and Llama are pruned by default, the CLIPs when named (module docstring)."""
+    n = max_seq or _call_default(pipe, "max_sequence_length", 128)
+    projections = len(pipe.transformer.caption_projection)
+    pooled_in = int(pipe.transformer.p_embedder.pooled_embedder.linear_1.in_features)
+    specs = {}
+    for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        enc = getattr(pipe, name, None)
+        if enc is None:
+            continue
+        width = int(_config(enc).projection_dim)  # pooled = [CLIP-L | CLIP-G]
+        columns = (0, width) if name == "text_encoder" else (pooled_in - width, pooled_in)
+        specs[name] = EncoderSpec(
+            name, tok,
+            (EncoderOutput("text_embeds", "transformer.p_embedder.pooled_embedder.linear_1", columns, pooled=True),),
+            attention_mask=False, read="all", padding="max_length", max_length=min(n, 218), default=False,
+        )
+    specs["text_encoder_3"] = EncoderSpec(
+        "text_encoder_3", "tokenizer_3",
+        (EncoderOutput("last_hidden_state", f"transformer.caption_projection.{projections - 1}"),),
+        attention_mask=True, read="all", padding="max_length",
+        max_length=min(n, _model_max_length(pipe.tokenizer_3, n)),
+    )
+    if getattr(pipe, "text_encoder_4", None) is None:
+        return specs
+    # the transformer reads stack[k] of hidden_states[1:] for each k in llama_layers, each through its own projection
+    layers = tuple(k + 1 if k >= 0 else k for k in pipe.transformer.config.llama_layers)
+    llama = EncoderOutput(
+        _stack(layers), tuple(f"transformer.caption_projection.{i}" for i in range(len(layers))),
+        blockwise=int(_config(pipe.text_encoder_4).hidden_size),
+    )
+    specs["text_encoder_4"] = EncoderSpec(
+        "text_encoder_4", "tokenizer_4", (llama,), attention_mask=True, read="all", padding="max_length",
+        max_length=min(n, _model_max_length(pipe.tokenizer_4, n)), hidden_layer=layers, module="model",
+    )
+    return specs
+
+
+def _stack(layers) -> str:
+    return f"hidden_states[{','.join(map(str, layers))}]"
+
+
+def _flux2(pipe, max_seq, text_encoder_out_layers=None):
+    """FLUX.2: Mistral's layers (10, 20, 30) concatenated along the channels, behind the system message's chat
+    template, every padded position -> context_embedder."""
+    n = max_seq or _call_default(pipe, "max_sequence_length", 512)
+    layers = tuple(text_encoder_out_layers or _call_value(pipe, "text_encoder_out_layers", (10, 20, 30)))
+    messages = [{"role": "system", "content": [{"type": "text", "text": pipe.system_message}]},
+                {"role": "user", "content": [{"type": "text", "text": "{prompt}"}]}]
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer", (EncoderOutput(_stack(layers), "transformer.context_embedder"),),
+            attention_mask=True, read="all", padding="max_length", max_length=n,
+            template=_chat_template(pipe, messages, add_generation_prompt=False), hidden_layer=layers,
+            module="model.language_model", special_tokens=False,
+        )
+    }
+
+
+def _flux2klein(pipe, max_seq, text_encoder_out_layers=None):
+    """FLUX.2 Klein: Qwen3's layers (9, 18, 27) concatenated, behind the chat template without thinking."""
+    n = max_seq or _call_default(pipe, "max_sequence_length", 512)
+    layers = tuple(text_encoder_out_layers or _call_value(pipe, "text_encoder_out_layers", (9, 18, 27)))
+    template = _chat_template(pipe, [{"role": "user", "content": "{prompt}"}], add_generation_prompt=True,
+                              enable_thinking=False)
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer", (EncoderOutput(_stack(layers), "transformer.context_embedder"),),
+            attention_mask=True, read="all", padding="max_length", max_length=n, template=template,
+            hidden_layer=layers, module="model",
+        )
+    }
+
+
+def _qwenimage(pipe, max_seq):
+    """Qwen-Image: Qwen2.5-VL's language model behind the template, system prefix dropped, mask tokens
+    -> txt_norm -> txt_in."""
+    m = min(max_seq or _call_default(pipe, "max_sequence_length", 512), int(pipe.tokenizer_max_length))
+    template, drop = pipe.prompt_template_encode, int(pipe.prompt_template_encode_start_idx)
+    if template.count("{}") != 1 or template.count("{") != 1:
+        raise UnsupportedPipelineError(f"{type(pipe).__name__}: prompt_template_encode must hold one '{{}}' for the prompt")
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer",
+            (EncoderOutput("hidden_states[-1]", ("transformer.txt_norm", "transformer.txt_in")),),
+            attention_mask=True, read="mask", padding="longest", max_length=m + drop,
+            template=template.replace("{}", "{prompt}"), drop_tokens=drop, hidden_layer=-1,
+            module="model.language_model",
+        )
+    }
+
+
+BUILDERS = {
+    "pixart": _pixart, "sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sana": _sana, "lumina2": _lumina2,
+    "zimage": _zimage, "chroma": _chroma, "auraflow": _chroma, "wan": _wan, "hidream": _hidream, "flux2": _flux2,
+    "flux2klein": _flux2klein, "qwenimage": _qwenimage,
+}

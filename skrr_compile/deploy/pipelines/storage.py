@@ -88,7 +88,7 @@ def load_into(pipe, directory: str | Path, components: Sequence[str] | str | Non
         raise ValueError(f"{type(pipe).__name__} has no text encoder {unknown}; its text encoders: {', '.join(spec.encoders)}")
     loaded = {}
     for name, src in sources.items():
-        current = getattr(pipe, name)
+        current = spec.encoders[name].encoder(pipe)  # the text model the plan was searched on
         meta = read_model_meta(src)
         arch = getattr(current, "architecture", type(current).__name__)
         if meta["architecture"] != arch:
