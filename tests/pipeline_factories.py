@@ -340,12 +340,14 @@ def generate_llm(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch
         kwargs.update(max_sequence_length=T5_MAX_SEQUENCE)
     if name.startswith("ZImage"):
         kwargs.update(max_sequence_length=ZIMAGE_MAX_SEQUENCE, height=32, width=32)
+    if name.startswith("Flux2"):
+        kwargs.update(max_sequence_length=FLUX2_MAX_SEQUENCE, text_encoder_out_layers=KLEIN_LAYERS)
     if name.startswith("HiDream"):
         kwargs.update(max_sequence_length=T5_MAX_SEQUENCE)
     if name.startswith("Wan"):  # a short video: 5 frames -> 2 latent frames
         kwargs.update(max_sequence_length=T5_MAX_SEQUENCE, num_frames=5)
     with torch.no_grad():
-        out = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
+        out = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
     return out.frames if name.startswith("Wan") else out.images
 
 
@@ -388,15 +390,16 @@ def qwen_tokenizer():
     return tok
 
 
-def qwen3_encoder(hidden: int = 16, layers: int = 3, seed: int = 51):
-    from transformers import Qwen3Config, Qwen3Model
+def qwen3_encoder(hidden: int = 16, layers: int = 3, seed: int = 51, lm: bool = False):
+    """A Qwen3Model (Z-Image), or with `lm` a Qwen3ForCausalLM (FLUX.2 Klein)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     cfg = Qwen3Config(
         vocab_size=len(qwen_tokenizer()) + 4, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256, pad_token_id=0,
     )
     torch.manual_seed(seed)
-    model = Qwen3Model(cfg).eval()
+    model = (Qwen3ForCausalLM if lm else Qwen3Model)(cfg).eval()
     _randomize(model, seed=seed)
     return model
 
@@ -545,3 +548,45 @@ def make_hidream():
 
 
 LLM_FACTORIES["hidream"] = make_hidream
+
+
+def _flux2_transformer(joint_attention_dim: int, guidance_embeds: bool, seed: int):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    ).eval()
+    _randomize(transformer.context_embedder, seed=seed + 1)
+    return transformer
+
+
+def _flux2_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(7)
+    return AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+
+
+KLEIN_LAYERS = (1, 3)  # text_encoder_out_layers in tests (the pipeline's default (9, 18, 27) needs 27 layers)
+FLUX2_MAX_SEQUENCE = 24  # counts the chat template too
+
+
+def make_flux2klein():
+    """FLUX.2 Klein: Qwen3ForCausalLM (16, 3 layers), layers 1 and 3 concatenated -> context_embedder (32)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flux2_vae(), tokenizer=qwen_tokenizer(),
+        text_encoder=qwen3_encoder(seed=101, lm=True),
+        transformer=_flux2_transformer(16 * len(KLEIN_LAYERS), guidance_embeds=False, seed=102),
+    )
+
+
+LLM_FACTORIES["flux2klein"] = make_flux2klein

@@ -16,7 +16,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("tokenizers")
 
 from pipeline_factories import (  # noqa: E402
+    FLUX2_MAX_SEQUENCE,
     HIDREAM_LLAMA_LAYERS,
+    KLEIN_LAYERS,
     LLM_MAX_SEQUENCE,
     LUMINA2_MAX_SEQUENCE,
     LUMINA2_SYSTEM,
@@ -27,6 +29,7 @@ from pipeline_factories import (  # noqa: E402
     generate_llm,
     make_auraflow,
     make_chroma,
+    make_flux2klein,
     make_hidream,
     make_lumina2,
     make_sana,
@@ -268,6 +271,35 @@ def test_hidream_prune_generate_save_load(tmp_path):
     assert pipe.text_encoder_4.num_params < sum(p.numel() for p in llama.parameters())  # no LM head either
     latents = _check_pruned(pipe, specs["text_encoder_4"], plans["text_encoder_4"], llama, tmp_path,
                             (specs["text_encoder_3"], plans["text_encoder_3"], t5))
+    assert latents.shape == dense_latents.shape
+    assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
+
+
+KLEIN_KWARGS = {"text_encoder_out_layers": KLEIN_LAYERS}
+
+
+def test_flux2klein_spec_reads_what_encode_prompt_produces():
+    pipe = make_flux2klein()
+    spec = describe_pipeline(pipe, FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS).encoders["text_encoder"]
+    assert spec.module == "model" and spec.hidden_layer == KLEIN_LAYERS and spec.read == "all"
+    assert spec.template.startswith("<|im_start|>user\n{prompt}<|im_end|>") and "</think>" in spec.template
+    assert describe_pipeline(pipe).encoders["text_encoder"].hidden_layer == (9, 18, 27)  # the pipeline's default
+    for prompt in ("a photo of a cat", "two dogs playing in the snow with a red boat at night"):
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt(prompt, device="cpu", max_sequence_length=FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS)
+        ours, our_mask = _spec_embedding(pipe, spec, prompt)
+        assert our_mask[0, -1] == 0  # padded: every position, padding included, reaches the context embedder
+        torch.testing.assert_close(embeds, ours, rtol=0, atol=0)
+
+
+def test_flux2klein_prune_generate_save_load(tmp_path):
+    pipe = make_flux2klein()
+    dense = pipe.text_encoder.model
+    spec = describe_pipeline(pipe, FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS).encoders["text_encoder"]
+    dense_latents = generate_llm(pipe)
+    plan = _prune(pipe, FLUX2_MAX_SEQUENCE, beam=2, pipeline_kwargs=KLEIN_KWARGS)
+    assert pipe.text_encoder.architecture == "Qwen3Model"  # the text model replaces the causal LM (no LM head)
+    latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
     assert latents.shape == dense_latents.shape
     assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
 

@@ -31,6 +31,7 @@ SUPPORTED_PIPELINES = {
     "AuraFlowPipeline": "auraflow",
     "WanPipeline": "wan",
     "HiDreamImagePipeline": "hidream",
+    "Flux2KleinPipeline": "flux2klein",
 }
 
 
