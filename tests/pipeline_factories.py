@@ -342,6 +342,8 @@ def generate_llm(pipe, prompt: str = "a photo of a cat", seed: int = 0) -> torch
         kwargs.update(max_sequence_length=ZIMAGE_MAX_SEQUENCE, height=32, width=32)
     if name.startswith("Flux2"):
         kwargs.update(max_sequence_length=FLUX2_MAX_SEQUENCE, text_encoder_out_layers=KLEIN_LAYERS)
+    if name.startswith("QwenImage"):
+        kwargs.update(max_sequence_length=QWENIMAGE_MAX_SEQUENCE)
     if name.startswith("HiDream"):
         kwargs.update(max_sequence_length=T5_MAX_SEQUENCE)
     if name.startswith("Wan"):  # a short video: 5 frames -> 2 latent frames
@@ -590,3 +592,56 @@ def make_flux2klein():
 
 
 LLM_FACTORIES["flux2klein"] = make_flux2klein
+
+
+def qwen25vl_encoder(hidden: int = 16, layers: int = 3, seed: int = 111):
+    """A Qwen2_5_VLForConditionalGeneration (Qwen-Image's encoder) with a one-block vision tower it never runs."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vocab = len(qwen_tokenizer()) + 4
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0,
+        ),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=hidden, intermediate_size=32, num_heads=2,
+                           fullatt_block_indexes=[0]),
+        vocab_size=vocab, image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    _randomize(model, seed=seed)
+    return model
+
+
+QWENIMAGE_MAX_SEQUENCE = 12  # prompt tokens the denoiser reads (after the dropped system prefix)
+
+
+def make_qwenimage():
+    """Qwen-Image: Qwen2.5-VL (16) behind its template, the system prefix dropped -> txt_norm -> txt_in (24)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    torch.manual_seed(113)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=3,
+        joint_attention_dim=16, axes_dims_rope=(4, 2, 2),
+    ).eval()
+    _randomize(transformer.txt_norm, transformer.txt_in, seed=114)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=qwen25vl_encoder(),
+                             tokenizer=qwen_tokenizer(), transformer=transformer)
+    # the pipeline drops the 34 tokens before the prompt under Qwen's tokenizer (system turn, user header); here the
+    # same text's count under the tiny tokenizer
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(pipe.prompt_template_encode.split("{}")[0]).input_ids)
+    return pipe
+
+
+LLM_FACTORIES["qwenimage"] = make_qwenimage

@@ -22,6 +22,7 @@ from pipeline_factories import (  # noqa: E402
     LLM_MAX_SEQUENCE,
     LUMINA2_MAX_SEQUENCE,
     LUMINA2_SYSTEM,
+    QWENIMAGE_MAX_SEQUENCE,
     SANA_INSTRUCTION,
     T5_MAX_SEQUENCE,
     T5_PROMPT_CORPUS,
@@ -32,6 +33,7 @@ from pipeline_factories import (  # noqa: E402
     make_flux2klein,
     make_hidream,
     make_lumina2,
+    make_qwenimage,
     make_sana,
     make_wan,
     make_zimage,
@@ -299,6 +301,39 @@ def test_flux2klein_prune_generate_save_load(tmp_path):
     dense_latents = generate_llm(pipe)
     plan = _prune(pipe, FLUX2_MAX_SEQUENCE, beam=2, pipeline_kwargs=KLEIN_KWARGS)
     assert pipe.text_encoder.architecture == "Qwen3Model"  # the text model replaces the causal LM (no LM head)
+    latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
+    assert latents.shape == dense_latents.shape
+    assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
+
+
+def test_qwenimage_spec_reads_what_encode_prompt_produces():
+    pipe = make_qwenimage()
+    spec = describe_pipeline(pipe, QWENIMAGE_MAX_SEQUENCE).encoders["text_encoder"]
+    drop = pipe.prompt_template_encode_start_idx
+    assert spec.drop_tokens == drop > 0 and spec.template == pipe.prompt_template_encode.replace("{}", "{prompt}")
+    assert spec.module == "model.language_model" and spec.max_length == QWENIMAGE_MAX_SEQUENCE + drop
+    assert spec.to_dict()["outputs"] == ["hidden_states[-1] -> transformer.txt_norm -> transformer.txt_in"]
+    for prompt in ("a cat", "a photo of a cat sitting on a red sofa"):
+        with torch.no_grad():
+            embeds, mask = pipe.encode_prompt(prompt, device="cpu", max_sequence_length=QWENIMAGE_MAX_SEQUENCE)
+            ours, our_mask = _spec_embedding(pipe, spec, prompt)  # the system prefix (drop_tokens) left out
+            keep = our_mask[0].bool()
+            assert mask is None or torch.equal(mask[0].bool(), keep[: mask.shape[1]])
+            torch.testing.assert_close(embeds[0], ours[0][keep], rtol=0, atol=0)
+            # the language model alone (what is pruned) computes what the VL model hands the pipeline
+            text_model = _spec_embedding(pipe, spec, prompt, encoder=spec.encoder(pipe))[0]
+            torch.testing.assert_close(text_model[0][keep], embeds[0], rtol=0, atol=0)
+            projected = spec.projections(pipe)(ours)
+            torch.testing.assert_close(projected, pipe.transformer.txt_in(pipe.transformer.txt_norm(ours)))
+
+
+def test_qwenimage_prune_generate_save_load(tmp_path):
+    pipe = make_qwenimage()
+    dense = pipe.text_encoder.model.language_model
+    spec = describe_pipeline(pipe, QWENIMAGE_MAX_SEQUENCE).encoders["text_encoder"]
+    dense_latents = generate_llm(pipe)
+    plan = _prune(pipe, QWENIMAGE_MAX_SEQUENCE, beam=2)
+    assert pipe.text_encoder.architecture == "Qwen2_5_VLTextModel"  # the vision tower is never run: left out
     latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
     assert latents.shape == dense_latents.shape
     assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"

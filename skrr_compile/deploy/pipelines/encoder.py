@@ -32,6 +32,7 @@ SUPPORTED_PIPELINES = {
     "WanPipeline": "wan",
     "HiDreamImagePipeline": "hidream",
     "Flux2KleinPipeline": "flux2klein",
+    "QwenImagePipeline": "qwenimage",
 }
 
 

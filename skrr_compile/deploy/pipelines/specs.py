@@ -286,7 +286,6 @@ class PipelineTokenizer:
 # LLM-encoder families of issue 12 whose denoiser reads are not specified yet: refused with the reason
 NOT_YET_SPECIFIED = {
     "Flux2Pipeline": "FLUX.2 (Mistral, a stack of layers): whether its encoder traces is not checked yet",
-    "QwenImagePipeline": "Qwen-Image (Qwen2.5-VL): whether its encoder traces is not checked yet",
 }
 
 
