@@ -80,6 +80,23 @@ def wanda_results() -> dict:
     mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
     batches = [{"input": torch.randn(4, 6)} for _ in range(3)]
     out.update({f"mlp.{k}": v for k, v in wanda.input_norms(mlp, select_layers(mlp, config), batches).items()})
+    # a denoiser: Wanda on its fixed inputs (one batch each) and the noise-prediction discrepancy, sharded
+    from diffusers import PixArtTransformer2DModel
+
+    from skrr_compile.magnitude.denoiser import NoisePredictionDiscrepancy, denoiser_inputs
+    from skrr_compile.magnitude.prune import prune
+
+    torch.manual_seed(0)
+    pixart = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                      num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=16,
+                                      caption_channels=32, norm_type="ada_norm_single", num_embeds_ada_norm=1000).eval()
+    inputs = denoiser_inputs(pixart, sample_size=8, timesteps=(0.9, 0.5, 0.1))
+    metric = NoisePredictionDiscrepancy(pixart, inputs)
+    prune(pixart, config, calibration=inputs)
+    report = metric.evaluate(pixart)
+    out.update({f"pixart.{k}": v for k, v in pixart.state_dict().items()})
+    out["pixart_report"] = torch.tensor([report.discrepancy, report.relative_mse, report.cosine,
+                                         *report.mse_per_timestep], dtype=torch.float64)
     return out
 
 

