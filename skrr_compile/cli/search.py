@@ -364,6 +364,7 @@ def _compare_rows(state_path: Path, done_path: Path, key: str, out: str) -> list
 
 
 def _check_compare_out(args, out: Path, state_path: Path) -> None:
+    check_out_dir(args.out, may_exist_nonempty=True)
     if out.is_dir() and any(out.iterdir()) and not state_path.is_file():
         raise CLIError(f"--out {args.out!r} is not empty and holds no earlier compare run; choose a new directory")
 
@@ -385,6 +386,9 @@ def _tensors_digest(tensors: dict) -> str:
         t = tensors[name].detach().contiguous().cpu()
         h.update(name.encode() + str(t.dtype).encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+LACO_NOTE = "laco is not distributed yet: every rank ran it whole (no rank waits meanwhile) and their results agreed"
 
 
 def _compare_search(args, group, model, tok, cal, graph, s: float, m: str) -> SearchResult:
@@ -415,11 +419,11 @@ def cmd_compare(args) -> int:
     bad = [s for s in sparsities if not 0.0 < s < 1.0]
     if bad:
         raise CLIError(f"every --sparsity must be in (0, 1), got {', '.join(map(str, bad))}")
-    out = check_out_dir(args.out, may_exist_nonempty=True)
+    out = Path(args.out)
     state_path = out / COMPARE_STATE  # ties the rows to the model weights, prompts and options they came from
     done_path = out / "rows.jsonl"  # one line per finished (method, sparsity): a rerun continues from here
     group = join_group("cpu", args.dist_timeout)  # compare searches the model where it is loaded: the host
-    agree(group, lambda: _check_compare_out(args, out, state_path))
+    agree(group, lambda: _check_compare_out(args, out, state_path))  # rank 0 alone reads and writes --out
     path, model, tok = _load(args.model, args.tokenizer)
     graph = trace(model)
     cal = _calibration(args, tok)
@@ -432,26 +436,28 @@ def cmd_compare(args) -> int:
     notes = [f"dense model: {path}", *_source_notes(path), f"{cal.num_prompts} calibration prompts",
              f"{held.num_prompts} held-out prompts" if held else "no held-out set"]
     if group.world > 1:
-        notes.append(f"searched on {group.world} ranks (prompt chunks sharded, results identical to one process)"
-                     + ("; laco is not distributed yet: every rank ran it whole and their results agreed"
-                        if "laco" in methods else ""))
+        notes.append(f"searched on {group.world} ranks (prompt chunks sharded, results identical to one process)")
     writer = group.is_writer
     select = output_selector(args.hidden_layer)
-    heldout = distributed(lambda: ShardedDiscrepancy(with_hidden_states(model, select), held, select=select)) if held else None
+    hint = "the finished rows are kept: run the same compare into the same --out to continue (any number of ranks)"
+    heldout = distributed(lambda: ShardedDiscrepancy(with_hidden_states(model, select), held, select=select),
+                          hint) if held else None
     for s in sparsities:
         for m in methods:
             if (m, s) in have:
                 continue
             try:
-                result = distributed(lambda: _compare_search(args, group, model, tok, cal, graph, s, m))  # noqa: B023
+                result = distributed(lambda: _compare_search(args, group, model, tok, cal, graph, s, m), hint)  # noqa: B023
             except SearchError as e:  # the same on every rank: the inputs are the same
                 if writer:
                     print(f"{m:>10} @ {s:.2f}: skipped: {e}", flush=True)
                 notes.append(f"{m} at {s:.2f}: {e}")
                 continue
+            if m == "laco" and group.world > 1 and LACO_NOTE not in notes:
+                notes.append(LACO_NOTE)
             pruned = materialize(graph, result)
-            held_report = distributed(lambda: heldout.evaluate(with_hidden_states(pruned, select))).to_dict() \
-                if held else None  # noqa: B023
+            held_report = distributed(lambda: heldout.evaluate(with_hidden_states(pruned, select)),  # noqa: B023
+                                      hint).to_dict() if held else None
             row = result_row(graph, result, pruned, held_report)
             rows.append(row)
             if not writer:
