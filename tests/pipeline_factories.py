@@ -645,3 +645,55 @@ def make_qwenimage():
 
 
 LLM_FACTORIES["qwenimage"] = make_qwenimage
+
+
+MISTRAL_CHAT_TEMPLATE = (  # Mistral Small 3.1's template reduced to text turns: it renders the BOS itself
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'][0]['text'] }}"
+    "[/SYSTEM_PROMPT]{% else %}[INST]{{ m['content'][0]['text'] }}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def mistral_tokenizer():
+    """The word-level tokenizer that adds <bos> (as Mistral's), with Mistral's turn markers and chat template."""
+    tok = llm_tokenizer(bos=True)
+    tok.add_special_tokens({"additional_special_tokens": ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]})
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tok
+
+
+def mistral3_encoder(hidden: int = 16, layers: int = 3, seed: int = 121):
+    """A Mistral3ForConditionalGeneration (FLUX.2's encoder) with a one-layer Pixtral tower it never runs."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    vocab = len(mistral_tokenizer()) + 4
+    cfg = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=1),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, image_size=16, patch_size=4),
+        image_token_index=vocab - 1, spatial_merge_size=1,
+    )
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(cfg).eval()
+    _randomize(model, seed=seed)
+    return model
+
+
+FLUX2_SYSTEM = "user prompt : a photo"  # Flux2Pipeline.system_message, tiny
+
+
+def make_flux2():
+    """FLUX.2: Mistral 3 (16, 3 layers) behind the system message, layers 1 and 3 -> context_embedder (32)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flux2_vae(), tokenizer=mistral_tokenizer(),
+        text_encoder=mistral3_encoder(), transformer=_flux2_transformer(16 * len(KLEIN_LAYERS), guidance_embeds=True,
+                                                                        seed=122),
+    )
+    pipe.system_message = FLUX2_SYSTEM
+    return pipe
+
+
+LLM_FACTORIES["flux2"] = make_flux2

@@ -30,6 +30,7 @@ from pipeline_factories import (  # noqa: E402
     generate_llm,
     make_auraflow,
     make_chroma,
+    make_flux2,
     make_flux2klein,
     make_hidream,
     make_lumina2,
@@ -339,6 +340,38 @@ def test_qwenimage_prune_generate_save_load(tmp_path):
     assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
 
 
+def test_flux2_spec_reads_what_encode_prompt_produces():
+    pipe = make_flux2()
+    spec = describe_pipeline(pipe, FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS).encoders["text_encoder"]
+    assert spec.module == "model.language_model" and spec.hidden_layer == KLEIN_LAYERS and spec.read == "all"
+    assert pipe.system_message in spec.template and spec.template.startswith(pipe.tokenizer.bos_token)
+    assert not spec.special_tokens  # the template renders <bos>; the tokenizer must not add a second one
+    assert describe_pipeline(pipe).encoders["text_encoder"].hidden_layer == (10, 20, 30)  # the pipeline's default
+    for prompt in ("a photo of a cat", "two dogs playing in the snow"):
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt(prompt, device="cpu", max_sequence_length=FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS)
+            ours, our_mask = _spec_embedding(pipe, spec, prompt)
+            assert our_mask[0, -1] == 0  # padded: every position reaches the context embedder
+            torch.testing.assert_close(embeds, ours, rtol=0, atol=0)
+            # the language model alone (what is pruned) computes what the VL model hands the pipeline
+            text_model = _spec_embedding(pipe, spec, prompt, encoder=spec.encoder(pipe))[0]
+            torch.testing.assert_close(text_model, embeds, rtol=0, atol=0)
+
+
+def test_flux2_prune_generate_save_load(tmp_path):
+    pipe = make_flux2()
+    dense = pipe.text_encoder.model.language_model
+    spec = describe_pipeline(pipe, FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS).encoders["text_encoder"]
+    dense_latents = generate_llm(pipe)
+    plan = _prune(pipe, FLUX2_MAX_SEQUENCE, beam=2, pipeline_kwargs=KLEIN_KWARGS)
+    assert pipe.text_encoder.architecture == "MistralModel"  # the Pixtral tower is never run: left out
+    with pytest.raises(NotImplementedError, match="MistralModel .*cannot generate text"):  # caption upsampling
+        pipe.text_encoder.generate(torch.ones(1, 2, dtype=torch.long))
+    latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
+    assert latents.shape == dense_latents.shape
+    assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
+
+
 def _check_pruned(pipe, spec, plan, dense_encoder, tmp_path, *more):
     """The pruned encoder(s) (spec, plan, dense encoder; `more` as triples) equal skrr.apply on the same plan;
     the pipeline generates, saves and loads with them."""
@@ -388,12 +421,3 @@ def test_sana_prune_pipeline_search(tmp_path):
     assert len(plan.skip) >= 1
     assert plans.spec.encoders["text_encoder"].template == spec.template
     _check_pruned(pipe, spec, plan, dense, tmp_path)
-
-
-def test_not_yet_specified_llm_pipelines_are_refused_with_the_reason():
-    from skrr_compile.deploy.pipelines.encoder import UnsupportedPipelineError
-    from skrr_compile.deploy.pipelines.specs import family_of
-
-    Flux2Pipeline = type("Flux2Pipeline", (), {})  # noqa: N806 - only the class name is looked at
-    with pytest.raises(UnsupportedPipelineError, match="FLUX.2 .*not checked yet"):
-        family_of(Flux2Pipeline())

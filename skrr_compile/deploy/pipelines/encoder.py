@@ -31,6 +31,7 @@ SUPPORTED_PIPELINES = {
     "AuraFlowPipeline": "auraflow",
     "WanPipeline": "wan",
     "HiDreamImagePipeline": "hidream",
+    "Flux2Pipeline": "flux2",
     "Flux2KleinPipeline": "flux2klein",
     "QwenImagePipeline": "qwenimage",
 }
@@ -77,6 +78,12 @@ class PrunedTextEncoder(PrunedEncoder):
         """PrunedEncoder.forward; `output_attentions` is accepted and gives no attention maps (HiDream asks for
         them from its Llama encoder and never reads them)."""
         return super().forward(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"the pruned {self.architecture} is the text model of an encoder: it cannot generate text (FLUX.2's "
+            "caption_upsample_temperature needs the dense text encoder)"
+        )
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         save_pruned(self, save_directory, overwrite=True)

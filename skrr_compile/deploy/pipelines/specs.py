@@ -20,6 +20,19 @@ What each supported family feeds its denoiser, and so what the discrepancy of ea
                                  tokenizer's chat template (mask tokens)
   Chroma        text_encoder     T5 last_hidden_state (mask tokens)     transformer.context_embedder
   AuraFlow      text_encoder     UMT5 last_hidden_state x mask          transformer.context_embedder
+  Wan           text_encoder     UMT5 last_hidden_state x mask          transformer(_2).condition_embedder
+                                                                          .text_embedder (each present)
+  HiDream       text_encoder     CLIP-L text_embeds (not by default)    transformer.p_embedder.pooled_embedder
+                text_encoder_2   CLIP-G text_embeds (not by default)      .linear_1 column blocks
+                text_encoder_3   T5 last_hidden_state (all tokens)      transformer.caption_projection[-1]
+                text_encoder_4   Llama-3.1 hidden_states[1:][k] for k   transformer.caption_projection[i], one
+                                 in llama_layers (all tokens)             per read layer (blockwise)
+  FLUX.2        text_encoder     Mistral 3 hidden_states[10,20,30]      transformer.context_embedder
+                                 behind the system chat (all tokens)
+  FLUX.2 Klein  text_encoder     Qwen3 hidden_states[9,18,27] behind    transformer.context_embedder
+                                 the chat template (all tokens)
+  Qwen-Image    text_encoder     Qwen2.5-VL hidden_states[-1] behind    transformer.txt_norm -> transformer.txt_in
+                                 its template, prefix dropped (mask)
 
 LLM encoders (issue 12) add what the pipeline wraps and drops: `template` ("...{prompt}...", the null prompt
 goes through it too), `drop_tokens` (the first N tokens left out of D), `hidden_layer` (another layer than
@@ -43,8 +56,34 @@ tokens plus the first padding position; the spec scores the mask tokens and leav
 position out (T5 sees it masked, so it carries no prompt token of its own).
 AuraFlow (`encode_prompt`) pads UMT5's input to max_sequence_length, passes the mask and zeroes the
 embedding outside it: only mask tokens carry anything to the denoiser.
-Families not listed are refused with UnsupportedPipelineError ( Chroma, AuraFlow, Wan,
-HiDream, Flux2, Qwen-Image: not yet specified, issue 12 item 5).
+Wan (`_get_t5_prompt_embeds`) is AuraFlow's reading (UMT5, mask, zeroed beyond it), consumed by the text
+embedder of each transformer present (Wan 2.2 has two: D sums both); it cleans prompts first (ftfy, HTML
+unescape, whitespace), which the spec does not, so calibrate on clean prompts.
+HiDream (`encode_prompt`) reads four encoders. Pooled CLIP-L|CLIP-G (position-extended CLIPs padded to min(M, 218),
+no mask) enter p_embedder, added to the timestep embedding; T5 (mask passed, every padded position read) feeds
+the last caption projection; Llama-3.1 (mask passed, every position read) hands the transformer
+hidden_states[1:], of which block i reads layer llama_layers[i] through caption_projection[i]: the spec reads
+those layers concatenated and projects block i with projection i, so D sums over every layer the denoiser
+reads (memory: the reference holds len(llama_layers) x inner_dim channels per token; --reference disk).
+By default only T5 and Llama are pruned: they are 94 % of the encoder weights (4.7 B and 7.5 B against
+0.12 B and 0.69 B), while the CLIPs' one pooled vector modulates every block of the denoiser, so a CLIP
+sub-block's error reaches every token for little memory saved; name them (`encoders=`, "all") to prune them.
+FLUX.2 (`_get_mistral_3_small_prompt_embeds`) renders [system message, prompt] through the processor's chat
+template (the template writes the BOS, so the spec tokenizes with `special_tokens=False`, as
+apply_chat_template does), pads to max_sequence_length, passes the mask and reads hidden_states[10, 20, 30]
+concatenated along the channels (`text_encoder_out_layers`) at every position. FLUX.2 Klein
+(`_get_qwen3_prompt_embeds`) does the same with Qwen3 behind the chat template without thinking, layers
+(9, 18, 27). Qwen-Image (`_get_qwen_prompt_embeds`) wraps the prompt in `prompt_template_encode`, reads
+hidden_states[-1], keeps the mask tokens and drops the first `prompt_template_encode_start_idx` (34) of
+them: the system turn and the user header; the spec's drop_tokens is that index.
+The encoders of FLUX.2 (Mistral3ForConditionalGeneration), Qwen-Image (Qwen2_5_VLForConditionalGeneration),
+Klein and HiDream (*ForCausalLM) are more than a text encoder; the pipelines call them with input ids and a
+mask only and read hidden states, which their text model (`module`: `model.language_model`, `model`) computes
+alone (for text, Qwen2.5-VL's rope index counts mask tokens from 0 and the text model alone every position:
+the same under right padding, a shift that rotary attention cancels under left padding). That
+text model is traced and pruned, and replaces the whole component: the LM head and vision tower the
+pipeline never runs are dropped (FLUX.2's caption upsampling, which generates with the dense model, is
+refused by the pruned encoder with the reason).
 
 Where a consumer reads the concatenation of several encoders' outputs (SD3's context_embedder over the
 padded CLIP-L|CLIP-G|T5 channels, pooled CLIP-L|CLIP-G), each encoder's projection is the block of the
@@ -283,22 +322,10 @@ class PipelineTokenizer:
         return f"PipelineTokenizer({type(self._tokenizer).__name__}, mask={self._mask}, special_tokens={self._special})"
 
 
-# LLM-encoder families of issue 12 whose denoiser reads are not specified yet: refused with the reason
-NOT_YET_SPECIFIED = {
-    "Flux2Pipeline": "FLUX.2 (Mistral, a stack of layers): whether its encoder traces is not checked yet",
-}
-
-
 def family_of(pipe) -> str:
     for cls in type(pipe).__mro__:
         if cls.__name__ in SUPPORTED_PIPELINES:
             return SUPPORTED_PIPELINES[cls.__name__]
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in NOT_YET_SPECIFIED:
-            raise UnsupportedPipelineError(
-                f"{type(pipe).__name__} is not supported yet: {NOT_YET_SPECIFIED[cls.__name__]}; "
-                f"supported: {', '.join(SUPPORTED_PIPELINES)}"
-            )
     raise UnsupportedPipelineError(
         f"{type(pipe).__name__} is not a supported pipeline; supported: {', '.join(SUPPORTED_PIPELINES)} "
         "(and their subclasses)"
