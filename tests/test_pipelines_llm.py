@@ -271,6 +271,11 @@ def test_hidream_prune_generate_save_load(tmp_path):
         plans = {"text_encoder_3": skrr.Plan(skip=[1, 2]), "text_encoder_4": skrr.Plan(skip=[1, 2], reuse={2: 0})}
         skrr.apply_to_pipeline(pipe, plans)
     assert (pipe.text_encoder, pipe.text_encoder_2) == clips  # the CLIPs stay dense
+    if HAS_SEARCH:  # a CLIP when named (here by a per-encoder sparsity), scored through its p_embedder columns
+        clip = skrr.prune_pipeline(pipe, T5_PROMPT_CORPUS[:4], sparsity={"text_encoder": 0.15}, beam=2,
+                                   chunk_size=4, max_sequence_length=T5_MAX_SEQUENCE, apply_plans=False)
+        assert list(clip) == ["text_encoder"] and clip.reports["text_encoder"]["reads"] == [
+            "text_embeds -> transformer.p_embedder.pooled_embedder.linear_1[:, 0:16]"]
     assert pipe.text_encoder_4.num_params < sum(p.numel() for p in llama.parameters())  # no LM head either
     latents = _check_pruned(pipe, specs["text_encoder_4"], plans["text_encoder_4"], llama, tmp_path,
                             (specs["text_encoder_3"], plans["text_encoder_3"], t5))
@@ -336,6 +341,10 @@ def test_qwenimage_prune_generate_save_load(tmp_path):
     plan = _prune(pipe, QWENIMAGE_MAX_SEQUENCE, beam=2)
     assert pipe.text_encoder.architecture == "Qwen2_5_VLTextModel"  # the vision tower is never run: left out
     latents = _check_pruned(pipe, spec, plan, dense, tmp_path)
+    fresh = make_qwenimage()  # the saved text model also goes into a dense pipeline (checked against its text model)
+    assert skrr.load_into(fresh, tmp_path / "pruned") == ["text_encoder"]
+    torch.testing.assert_close(_spec_embedding(fresh, spec, "a cat")[0], _spec_embedding(pipe, spec, "a cat")[0],
+                               rtol=0, atol=0)
     assert latents.shape == dense_latents.shape
     assert not torch.allclose(latents, dense_latents, atol=1e-4), "pruning had no effect on the generation"
 
