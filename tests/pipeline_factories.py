@@ -680,6 +680,24 @@ def mistral3_encoder(hidden: int = 16, layers: int = 3, seed: int = 121):
     return model
 
 
+def text_processor(tokenizer):
+    """A processor around `tokenizer` (FLUX.2's tokenizer is a PixtralProcessor, whose text path this is; the
+    real one needs torchvision): its chat template renders, its tokenizer tokenizes."""
+    from transformers import ProcessorMixin
+
+    class TextProcessor(ProcessorMixin):
+        attributes = ["tokenizer"]
+        tokenizer_class = "AutoTokenizer"
+
+        def __init__(self, tokenizer, chat_template=None):
+            super().__init__(tokenizer, chat_template=chat_template)
+
+        def __call__(self, images=None, text=None, **kwargs):  # PixtralProcessor's order: images first
+            return self.tokenizer(text, **kwargs)
+
+    return TextProcessor(tokenizer, chat_template=tokenizer.chat_template)
+
+
 FLUX2_SYSTEM = "user prompt : a photo"  # Flux2Pipeline.system_message, tiny
 
 

@@ -38,6 +38,7 @@ from pipeline_factories import (  # noqa: E402
     make_sana,
     make_wan,
     make_zimage,
+    text_processor,
 )
 
 import skrr_compile as skrr  # noqa: E402
@@ -365,6 +366,11 @@ def test_flux2_spec_reads_what_encode_prompt_produces():
             # the language model alone (what is pruned) computes what the VL model hands the pipeline
             text_model = _spec_embedding(pipe, spec, prompt, encoder=spec.encoder(pipe))[0]
             torch.testing.assert_close(text_model, embeds, rtol=0, atol=0)
+    pipe.register_modules(tokenizer=text_processor(pipe.tokenizer))  # as FLUX.2 ships it: a processor
+    spec = describe_pipeline(pipe, FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS).encoders["text_encoder"]
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt("a cat", device="cpu", max_sequence_length=FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS)
+    torch.testing.assert_close(embeds, _spec_embedding(pipe, spec, "a cat")[0], rtol=0, atol=0)
 
 
 def test_flux2_prune_generate_save_load(tmp_path):
