@@ -7,6 +7,7 @@ skrr.apply(encoder, plan) -> save/load reproduces its outputs.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -223,6 +224,11 @@ def test_wan_spec_reads_what_encode_prompt_produces():
         keep = our_mask[0].bool()
         assert (embeds[0][~keep] == 0).all() and keep.sum() < keep.numel()  # Wan zeroes the padding
         torch.testing.assert_close(embeds[0][keep], ours[0][keep], rtol=0, atol=0)
+    pipe.register_modules(transformer_2=copy.deepcopy(pipe.transformer))  # Wan 2.2: a low-noise transformer too
+    both = describe_pipeline(pipe, T5_MAX_SEQUENCE).encoders["text_encoder"]
+    assert both.to_dict()["outputs"] == [f"last_hidden_state -> {t}.condition_embedder.text_embedder"
+                                         for t in ("transformer", "transformer_2")]
+    assert both.projections(pipe)[1] is pipe.transformer_2.condition_embedder.text_embedder
 
 
 def test_wan_prune_generate_video_save_load(tmp_path):
