@@ -95,7 +95,7 @@ def test_a_rank_that_dies_makes_the_others_exit_non_zero_with_a_clear_message(tm
 @pytest.mark.slow
 def test_cli_under_torchrun_on_real_minilm_equals_one_process(tmp_path):
     common = ["search", "builtin", "--prompts", "builtin", "--limit", "10", "--chunk-size", "2",
-              "--sparsity", "0.15", "--quiet"]
+              "--sparsity", "0.15", "--heldout", "builtin-heldout", "--heldout-limit", "5", "--quiet"]
     one = subprocess.run([sys.executable, "-m", "skrr_compile", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -108,6 +108,9 @@ def test_cli_under_torchrun_on_real_minilm_equals_one_process(tmp_path):
     for key in ("skip", "reuse", "order", "scores"):
         assert a[key] == b[key]
     report = json.loads((tmp_path / "two" / "report.json").read_text())
+    row_one = json.loads((tmp_path / "one" / "report.json").read_text())["rows"][0]
+    for key in ("calib_discrepancy", "heldout_discrepancy", "heldout_cosine", "heldout_null_norm_ratio"):
+        assert report["rows"][0][key] == row_one[key], key  # held-out: 3 chunks sharded, folded in order
     text = json.dumps(report)
     assert '"world_size": 2' in text
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
