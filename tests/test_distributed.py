@@ -280,3 +280,27 @@ def test_a_refused_compare_out_stops_every_rank_at_once(tmp_path):
         assert rc == 2 and "not empty and holds no earlier compare run" in err, err[-1500:]
     assert "rank 0:" in results[1][2]
     assert seconds < 50  # no rank waits for the timeout
+
+
+def test_prune_pipeline_on_two_ranks_saves_the_plan_of_one_process(tmp_path):
+    from pipeline_factories import FACTORIES, T5_PROMPT_CORPUS
+
+    FACTORIES["sd"]().save_pretrained(tmp_path / "sd")
+    (tmp_path / "calib.txt").write_text("\n".join(T5_PROMPT_CORPUS[:6]))
+
+    def args(out):
+        return ["cli", "prune-pipeline", str(tmp_path / "sd"), "--prompts", str(tmp_path / "calib.txt"),
+                "--chunk-size", "2", "--sparsity", "0.3", "--beam", "2", "--out", str(out), "--quiet"]
+
+    one = single(args(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    results, _ = launch(args(tmp_path / "two"))
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert "saved" in results[0][1] and results[1][1] == ""
+    a, b = (json.loads((tmp_path / d / "skrr_pipeline.json").read_text()) for d in ("one", "two"))
+    plan_a, plan_b = a["reports"]["text_encoder"], b["reports"]["text_encoder"]
+    assert plan_a["skip"] and plan_a["skip"] == plan_b["skip"] and plan_a["order"] == plan_b["order"]
+    assert plan_a["reuse"] == plan_b["reuse"]
+    assert [h["score"] for h in plan_a["depth_history"]] == [h["score"] for h in plan_b["depth_history"]]
+    assert plan_a["discrepancy"] == plan_b["discrepancy"]  # 3 chunks over 2 ranks, folded in chunk order
+    assert plan_b["distributed"]["world_size"] == 2 and plan_a["distributed"]["world_size"] == 1

@@ -6,7 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from skrr_compile.cli.main import CLIError, check_out_dir, existing_dir, print_json
+from skrr_compile.cli.main import (
+    CLIError,
+    agree,
+    check_out_dir,
+    distributed,
+    existing_dir,
+    join_group,
+    print_json,
+)
 
 
 def register(sub) -> None:
@@ -61,7 +69,9 @@ def register(sub) -> None:
                         "searching (relative plan files are read from the JSON file's folder, or the current one)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="load the pipeline in this dtype (default: as saved)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="device to search on (under torchrun, cuda: each rank's own GPU)")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
     p.add_argument("--out", required=True, help="output directory for the pruned pipeline")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -166,13 +176,16 @@ def cmd_prune_pipeline(args) -> int:
     from skrr_compile.deploy.pipelines.prune import apply_to_pipeline, prune_pipeline
     from skrr_compile.deploy.pipelines.storage import encoder_sizes, save_pipeline
 
-    out = check_out_dir(args.out, may_exist_nonempty=args.overwrite)
+    group = join_group(args.device, args.dist_timeout)  # under torchrun: each search is data-parallel
+    out = agree(group, lambda: check_out_dir(args.out, may_exist_nonempty=args.overwrite))
     if args.plans is None and args.method == "laco":
         raise CLIError("prune-pipeline cannot carry LaCo's merged weights into the pipeline; use skrr, skrr-skip, "
                        "finercut or shortgpt (or `skrr-compile prune --method laco` on the encoder alone)")
     if args.plans is None and (args.prompts is None or args.sparsity is None):
         raise CLIError("give --prompts and --sparsity to search plans, or --plans to apply known ones")
     plans_arg = _read_plans(args.plans) if args.plans else None
+    if plans_arg is not None and not group.is_writer:  # nothing to compute together: rank 0 applies and saves
+        return 0
     pipe = _load_pipeline(args)
     encoders = None if args.encoders == "all" else [e.strip() for e in args.encoders.split(",") if e.strip()]
     if plans_arg is not None:
@@ -185,13 +198,15 @@ def cmd_prune_pipeline(args) -> int:
 
         prompts = read_prompts(args.prompts, field=args.field, limit=args.limit)
         try:
-            result = prune_pipeline(
+            result = distributed(lambda: prune_pipeline(
                 pipe, prompts, args.sparsity, encoders=encoders, method=args.method,
                 max_sequence_length=args.max_sequence_length, beam=args.beam, chunk_size=args.chunk_size,
-                progress=not args.quiet,
-            )
+                progress=not args.quiet and group.is_writer,
+            ), hint="nothing was written; run it again")
         except ImportError as e:
             raise CLIError(str(e)) from e
+    if not group.is_writer:  # the other ranks scored their shard of the prompts and write nothing
+        return 0
     save_pipeline(pipe, out, plans=result)
     for name, size in encoder_sizes(pipe).items():
         if size["pruned"]:
