@@ -8,6 +8,7 @@ from pathlib import Path
 
 from skrr_compile.cli.main import (
     CLIError,
+    add_dist_timeout,
     agree,
     check_out_dir,
     distributed,
@@ -70,8 +71,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="load the pipeline in this dtype (default: as saved)")
     p.add_argument("--device", default="cpu", help="device to search on (under torchrun, cuda: each rank's own GPU)")
-    p.add_argument("--dist-timeout", type=float, default=600.0,
-                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
+    add_dist_timeout(p)
     p.add_argument("--out", required=True, help="output directory for the pruned pipeline")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

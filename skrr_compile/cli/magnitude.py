@@ -10,7 +10,15 @@ import torch
 
 from skrr_compile.blocksearch.calibration import read_prompts, tokenize
 from skrr_compile.blocksearch.distributed import ShardedDiscrepancy, current_group
-from skrr_compile.cli.main import CLIError, agree, check_out_dir, distributed, join_group, print_json
+from skrr_compile.cli.main import (
+    CLIError,
+    add_dist_timeout,
+    agree,
+    check_out_dir,
+    distributed,
+    join_group,
+    print_json,
+)
 from skrr_compile.core.checkpoints import resolve_model_path
 from skrr_compile.core.plan import Plan
 from skrr_compile.magnitude.config import CRITERIA, PRESETS, WANDA_GROUPS, MagnitudeConfig, get_preset
@@ -100,8 +108,7 @@ def _prune_options(p, multi: bool = False) -> None:
     p.add_argument("--calib-limit", type=int, default=128)
     p.add_argument("--latent-size", type=int, default=32, help="denoiser: latent height/width of fixed inputs")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="load components in this dtype")
-    p.add_argument("--dist-timeout", type=float, default=600.0,
-                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
+    add_dist_timeout(p)
 
 
 def _command(args, name: str) -> str:

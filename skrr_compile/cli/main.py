@@ -73,6 +73,12 @@ def join_group(device: str = "cpu", timeout_s: float = 600.0):
     return init_from_env(device, timeout_s=timeout_s)
 
 
+def add_dist_timeout(p) -> None:
+    """`--dist-timeout`, for every command that runs on several ranks under torchrun."""
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
+
+
 RESUME_HINT = "the last checkpoint in --out resumes with --resume, with any number of ranks"
 
 

@@ -19,7 +19,6 @@ from skrr_compile.blocksearch.report import write_report
 from skrr_compile.blocksearch.run import (
     METHODS,
     SearchResult,
-    heldout_report,
     materialize,
     prepare_calibration,
     result_row,
@@ -27,7 +26,7 @@ from skrr_compile.blocksearch.run import (
 )
 from skrr_compile.blocksearch.selectors import output_selector, parse_layers, with_hidden_states
 from skrr_compile.blocksearch.target import check_sparsity
-from skrr_compile.cli.main import CLIError, agree, check_out_dir, distributed, join_group
+from skrr_compile.cli.main import CLIError, add_dist_timeout, agree, check_out_dir, distributed, join_group
 from skrr_compile.core.checkpoints import (
     describe_source,
     load_empty_encoder,
@@ -89,8 +88,7 @@ def _memory_args(p) -> None:
                    help="cpu: weights stay in host memory, each stage's copied to the device as it runs; "
                         "disk: read from the checkpoint's safetensors by memory map (the model is never loaded)")
     g.add_argument("--device-budget-gb", type=float, help="with --offload: device memory the weights may use")
-    g.add_argument("--dist-timeout", type=float, default=600.0,
-                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
+    add_dist_timeout(g)
     g.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device (no weights), print the memory plan, exit")
 
@@ -156,6 +154,7 @@ def register(sub) -> None:
     p.add_argument("pruned", help="directory written by prune / apply")
     p.add_argument("--model", help="the dense model (default: the source recorded at prune time)")
     _calibration_args(p, heldout=False)
+    add_dist_timeout(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("compare", help="methods x sparsities: table and plot")
     p.add_argument("model")
@@ -165,8 +164,7 @@ def register(sub) -> None:
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--dist-timeout", type=float, default=600.0,
-                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
+    add_dist_timeout(p)
     p.set_defaults(func=cmd_compare)
 
 
@@ -331,7 +329,14 @@ def cmd_eval(args) -> int:
     pruned = load(args.pruned)
     _, dense, tok = _load(source, args.tokenizer)
     tok = load_tokenizer(args.pruned) or tok
-    report = heldout_report(dense, pruned, _calibration(args, tok), select=output_selector(args.hidden_layer))
+    group = join_group("cpu", args.dist_timeout)  # under torchrun: the prompt chunks are sharded
+    select = output_selector(args.hidden_layer)
+    metric = distributed(lambda: ShardedDiscrepancy(with_hidden_states(dense, select), _calibration(args, tok),
+                                                    select=select), "nothing was written; run it again")
+    report = distributed(lambda: metric.evaluate(with_hidden_states(pruned, select)),
+                         "nothing was written; run it again").to_dict()
+    if not group.is_writer:
+        return 0
     report.update({"params": pruned.num_params, "dense_params": meta.get("dense_params"),
                    "sparsity": 1 - pruned.num_params / meta["dense_params"], "mb": pruned.num_bytes / 1e6,
                    "skip": list(pruned.plan.skip), "reuse": pruned.plan.reuse})
