@@ -68,8 +68,9 @@ class NaiveScorer:
         return self.dense_params - self.pruned(skip).num_params
 
 
-def naive_skip_phase(scorer: NaiveScorer, sparsity: float, beam: int):
-    """Algorithm 1 as the issue defines it; returns (best skip set, order, best score per step)."""
+def naive_skip_phase(scorer: NaiveScorer, sparsity: float, beam: int, max_steps: int | None = None):
+    """Algorithm 1 as the issue defines it; returns (best skip set, order, best score per step, best score).
+    With `max_steps`, it stops after that many beam steps (benchmarks time the first steps only)."""
     K = len(scorer.graph.blocks)
     target = math.ceil(sparsity * scorer.dense_params)
     removed = {}
@@ -96,6 +97,8 @@ def naive_skip_phase(scorer: NaiveScorer, sparsity: float, beam: int):
         scored = [(s if s is not None else scorer.score(skip), skip, order) for s, skip, order in pool.values()]
         beams = sorted(scored)[:beam]
         history.append(beams[0][0])
+        if max_steps is not None and len(history) >= max_steps:
+            break
     best = min(beams)
     return set(best[1]), best[2], history, best[0]
 

@@ -1,11 +1,16 @@
-"""Scores configurations exactly and cheaply: boundary caches, best-first early abandoning.
+"""Scores configurations exactly and cheaply: a memo of boundary states, best-first early abandoning.
 
-Exactness: every candidate is scored with the same ops as a full forward of its rewritten graph; the
-speed comes from (1) stages: a candidate that differs from its parent beam from sub-block j on starts at
-the parent's cached hidden state s_j; (2) early abandoning: D is a sum over the null prompt and prompt
-chunks, so a candidate whose partial sum already exceeds the k-th best complete score cannot survive and
-is dropped (strictly greater: ties are never cut); (3) promising candidates first (last step's costs),
-so the bar is set early.
+Exactness: every candidate is scored with the same ops as a full forward of its rewritten graph, and the
+boundary state s_k of a chunk depends only on the configuration's modes on sub-blocks < k. The levers:
+(1) the state memo keeps s_k by (chunk, k, those modes), so a candidate starts from the deepest state that
+any configuration agreeing with it below k computed: its parent beam's (the classic boundary cache), a
+candidate of another beam with the same prefix (same step), or the previous step's candidate that
+differed from it only past k (the next step starts where this one stopped); (2) early abandoning: D is a
+sum over the null prompt and the prompt chunks, so a candidate whose partial sum already exceeds the k-th
+best complete score is dropped (strictly greater: ties are never cut); (3) each candidate scores its chunks
+in the order of its parent's shares of D per token, largest first, so its partial sum passes the bar with
+the least work; promising candidates (last step's costs) first. None changes a value: shares are folded
+in global chunk order whatever order they were computed in.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class Beam:
     config: Config
     order: tuple
     score: float
+    shares: dict | None = None  # global chunk -> share of D (orders the chunks of its candidates)
 
     @property
     def key(self):
@@ -37,15 +43,41 @@ class Beam:
 
     def to_dict(self):
         return {"skip": sorted(self.config.skip), "reuse": [list(p) for p in self.config.reuse],
-                "order": list(self.order), "score": self.score}
+                "order": list(self.order), "score": self.score,
+                "shares": None if self.shares is None else [[c, v] for c, v in sorted(self.shares.items())]}
 
     @classmethod
     def from_dict(cls, d):
-        return cls(Config(frozenset(d["skip"]), tuple(tuple(p) for p in d["reuse"])), tuple(d["order"]), d["score"])
+        shares = {int(c): v for c, v in d["shares"]} if d.get("shares") else None
+        return cls(Config(frozenset(d["skip"]), tuple(tuple(p) for p in d["reuse"])), tuple(d["order"]), d["score"],
+                   shares)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A configuration to score: it equals its parent below `start`; `tie` decides equal scores (lower
+    first); `priority` orders first evaluations; `shares` are the parent's shares of D by global chunk."""
+
+    config: Config
+    start: int
+    tie: object
+    priority: tuple
+    shares: dict | None = None
 
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def prefix_keys(config: Config, num_blocks: int) -> list[tuple]:
+    """keys[k] = the modes of the sub-blocks < k that are not kept: what s_k depends on, k = 0..K."""
+    special = sorted((i, config.mode(i)) for i in config.skip)
+    keys, n = [], 0
+    for k in range(num_blocks + 1):
+        while n < len(special) and special[n][0] < k:
+            n += 1
+        keys.append(tuple(special[:n]))
+    return keys
 
 
 class CacheBudget:
@@ -94,21 +126,12 @@ class CacheBudget:
         return {"limit_bytes": dict(self.limit), "peak_bytes": dict(self.peak)}
 
 
-class BoundaryCache:
-    """Hidden states of one configuration at sub-block boundaries 1..K-1 (s_0 comes from the prefix),
-    for every chunk (null prompt = -1); each state on the device or spilled to the host."""
-
-    def __init__(self, config: Config, values: dict[int, dict[int, torch.Tensor]]):
-        self.config, self.values = config, values
-
-    def nbytes(self) -> int:
-        return sum(nbytes(t) for per in self.values.values() for t in per.values())
-
-    def release(self, budget: CacheBudget) -> None:
-        for per in self.values.values():
-            for t in per.values():
-                budget.release(t)
-        self.values = {}
+# The exact speed levers (each can be turned off to measure what it buys; none changes a result):
+# abandon: stop scoring a candidate once its partial sum exceeds the k-th best complete score;
+# memo: start from any configuration's state that agrees below k (not only the parent's boundary), and
+#       keep the states the next step starts from;
+# order: score each candidate's chunks by its parent's share of D per token, largest first.
+LEVERS = ("abandon", "memo", "order")
 
 
 class Evaluator:
@@ -116,14 +139,17 @@ class Evaluator:
 
     Memory: per chunk only its token ids are kept; its context (embeddings, masks, position bias) is
     recomputed when the chunk is scored. The projected dense reference lives where `reference` says
-    (device, cpu or disk). Boundary states stay within `cache_bytes` on the device plus
+    (device, cpu or disk). Boundary states (the memo) stay within `cache_bytes` on the device plus
     `host_cache_bytes` on the host; the rest is recomputed.
     """
 
     def __init__(self, runner: StagedRunner, calibration: Calibration, projection=None,
                  select: Callable = last_hidden_state, cache_bytes: int = 4 << 30, beam: int = 3,
                  progress: bool = False, host_cache_bytes: int = 0, reference: str = "device",
-                 reference_path=None, group=None):
+                 reference_path=None, group=None, levers: Sequence[str] | None = None):
+        self.levers = frozenset(LEVERS if levers is None else levers)
+        if not self.levers <= set(LEVERS):
+            raise ValueError(f"unknown search levers {sorted(self.levers - set(LEVERS))}; known: {', '.join(LEVERS)}")
         self.runner = runner
         self.group = group or Solo()
         self.progress = progress and self.group.is_writer
@@ -159,14 +185,16 @@ class Evaluator:
         K = runner.num_blocks
         device = calibration.null[0].device
         self.budget = CacheBudget(device, cache_bytes, host_cache_bytes)
-        # beam caches take at most half the budget; the other half keeps the states of candidates being
-        # scored, so that survivors become beams without a second forward
+        # beams' states take at most half the budget; the other half keeps the states of candidates being
+        # scored (survivors become beams without a second forward; the next step starts from them)
         fit = (self.budget.limit["device"] + self.budget.limit["host"]) // max(1, 2 * per_boundary[0] * beam)
         # boundaries 1..K-1 are storable; when not even one fits for every chunk, the chunks that fit keep it
         # (the smallest stride that stores at most `fit` of them: the budget is used, not left idle)
         self.stride = (K - 1) // (max(1, fit) + 1) + 1
         self.per_boundary_bytes = per_boundary[0]
-        self.states: dict = {}
+        self.memo: dict[tuple, torch.Tensor] = {}  # (chunk, k, prefix_keys(config)[k]) -> s_k
+        self.tokens = {c: max(1, self.inputs[c][0].numel()) for c in self.chunks}  # cost of scoring a chunk
+        self.shares: dict[int, dict] = {}
         self.runner.counter.block_evals = 0  # the reference forward is not part of the search's cost
 
     def context(self, c: int) -> dict:
@@ -178,144 +206,160 @@ class Evaluator:
             return False  # s_0 is recomputed with the prefix; s_K is never a starting point
         return k % self.stride == 0 or k in self.runner.suffix_boundaries
 
-    def _keep(self, into: dict, k: int, h: torch.Tensor, share: float = 1.0) -> bool:
+    # the state memo -------------------------------------------------------------------------------------
+    def _put(self, key: tuple, h: torch.Tensor, share: float = 1.0) -> bool:
+        if key in self.memo:
+            return True
         placed = self.budget.place(h, share)
         if placed is None:
             return False
-        into[k] = placed
+        self.memo[key] = placed
         return True
 
-    def cache(self, config: Config) -> BoundaryCache:
-        """Full forward of `config` on every chunk, keeping the boundaries the stride and budget allow."""
-        values = {}
-        r = self.runner
-        for c in self.chunks:
-            ctx = self.context(c)
-            h = ctx["s0"]
-            keep: dict = {}
-            for k in range(r.num_blocks - 1):
-                before = r.counter.block_evals
-                h = r.stage(k, h, ctx, config.mode(k))
-                r.counter.recompute_evals += r.counter.block_evals - before
-                if self.stored(k + 1):
-                    self._keep(keep, k + 1, h, share=0.5)  # beam caches: at most half the budget
-            values[c] = keep
-            del ctx, h
-        return BoundaryCache(config, values)
+    def _drop(self, key: tuple) -> None:
+        t = self.memo.pop(key, None)
+        if t is not None:
+            self.budget.release(t)
 
-    def chunk_contribution(self, config: Config, start: int, parent: BoundaryCache | None, c: int,
-                           keep: dict | None = None) -> float:
-        """Chunk c's share of D for `config`, which equals `parent`'s configuration on sub-blocks < start.
+    def _deepest(self, c: int, keys: list[tuple], limit: int | None = None) -> int:
+        """The deepest boundary <= limit whose state (and every suffix boundary before it) the memo holds
+        for chunk c; 0 (s_0, from the prefix) when there is none."""
+        suffix = [b for b in self.runner.suffix_boundaries if b > 0]
+        top = self.runner.num_blocks - 1 if limit is None else limit
+        for k in range(top, 0, -1):
+            if (c, k, keys[k]) in self.memo and all((c, b, keys[b]) in self.memo for b in suffix if b <= k):
+                return k
+        return 0
 
-        With `keep`, the boundaries this evaluation computes (that the stride stores) are put there, so a
-        candidate that survives needs no second forward to become a beam.
-        """
-        r = self.runner
+    def _stages(self, config: Config, c: int, keys: list[tuple], ctx: dict, i0: int, stop: int, start: int,
+                share: float, bvals: dict | None = None) -> torch.Tensor:
+        """s_stop from the memo's s_i0 (or s_0), storing the states it passes while the budget allows."""
+        r, counter = self.runner, self.runner.counter
+        h = self.budget.fetch(self.memo[(c, i0, keys[i0])]) if i0 else ctx["s0"]
+        rows = self.inputs[c][0].shape[0]
+        storing = True
+        for k in range(i0, stop):
+            before = counter.block_evals
+            h = r.stage(k, h, ctx, config.mode(k))
+            ran = counter.block_evals - before
+            counter.prompt_block_evals += ran * rows
+            if k < start:
+                counter.recompute_evals += ran
+            if bvals is not None and k + 1 in r.suffix_boundaries:
+                bvals[k + 1] = h
+            if storing and self.stored(k + 1):
+                storing = self._put((c, k + 1, keys[k + 1]), h, share)
+        return h
+
+    def run_chunk(self, config: Config, c: int, start: int = 0, keys: list[tuple] | None = None):
+        """The output of `config` on chunk c, from the deepest state in the memo; the states it computes at
+        stored boundaries go into the memo while the budget allows. Stages before `start` (where `config`
+        leaves its parent) count as recomputation."""
+        r, counter = self.runner, self.runner.counter
+        keys = keys or prefix_keys(config, r.num_blocks)
         ctx = self.context(c)
-        cached = parent.values.get(c, {}) if parent is not None else {}
-        i0 = max([k for k in cached if k <= start], default=0)
-        h = self.budget.fetch(cached[i0]) if i0 else ctx["s0"]
-        bvals = {k: self.budget.fetch(v) for k, v in cached.items() if k in r.suffix_boundaries and k <= i0}
+        i0 = self._deepest(c, keys, None if "memo" in self.levers else start)
+        bvals = {b: self.budget.fetch(self.memo[(c, b, keys[b])]) for b in r.suffix_boundaries if 0 < b <= i0}
         if 0 in r.suffix_boundaries:
             bvals[0] = ctx["s0"]
-        for k in range(i0, r.num_blocks):
-            before = r.counter.block_evals
-            h = r.stage(k, h, ctx, config.mode(k))
-            if k < start:
-                r.counter.recompute_evals += r.counter.block_evals - before
-            if k + 1 in r.suffix_boundaries:
-                bvals[k + 1] = h
-            if keep is not None and k >= start and self.stored(k + 1):
-                if not self._keep(keep, k + 1, h):
-                    keep["incomplete"] = True
-        r.counter.chunk_evals += 1
+        if i0 > start:
+            counter.memo_starts += 1
+            counter.memo_stages_saved += sum(1 for k in range(start, i0) if config.mode(k) != "skip")
+        self._stages(config, c, keys, ctx, i0, r.num_blocks, start, 1.0, bvals)
+        counter.chunk_evals += 1
         out = r.suffix(bvals, ctx)
-        del ctx, h, bvals
-        return self.disc.contribution(None if c < 0 else c, out)
+        del ctx, bvals
+        return out
 
-    def _drop_state(self, i: int) -> None:
-        for v in self.states.pop(i, {}).values():
-            for k, t in v.items():
-                if k != "incomplete":
-                    self.budget.release(t)
+    def chunk_contribution(self, config: Config, c: int, start: int = 0, keys: list[tuple] | None = None) -> float:
+        """Chunk c's share of D for `config` (c = -1: the null prompt)."""
+        return self.disc.contribution(None if c < 0 else c, self.run_chunk(config, c, start, keys))
 
-    def select(self, cands: Sequence[tuple], k: int, complete: list[tuple], desc: str = "") -> dict[int, float]:
+    def warm(self, config: Config) -> None:
+        """Make the memo hold `config`'s states at every stored boundary of every chunk (a beam's cache),
+        computing only the missing ones (counted as recomputation); beams take at most half the budget."""
+        K = self.runner.num_blocks
+        keys = prefix_keys(config, K)
+        wanted = [k for k in range(1, K) if self.stored(k)]
+        for c in self.chunks:
+            missing = [k for k in wanted if (c, k, keys[k]) not in self.memo]
+            if missing:
+                ctx = self.context(c)
+                self._stages(config, c, keys, ctx, self._deepest(c, keys, missing[0] - 1), missing[-1], K, 0.5)
+                del ctx
+
+    def retain(self, beams: Sequence[Config], upcoming: Sequence[Config] = ()) -> None:
+        """Keep only the states the next step can start from (every state on the path of a beam or of an
+        upcoming configuration: those a candidate starts from, and those it needs once it is a beam); then
+        warm the beams."""
+        K = self.runner.num_blocks
+        paths = set()
+        for config in list(beams) + (list(upcoming) if "memo" in self.levers else []):
+            keys = prefix_keys(config, K)
+            paths |= {(k, keys[k]) for k in range(1, K)}
+        for key in [key for key in self.memo if key[1:] not in paths]:
+            self._drop(key)
+        for config in beams:
+            self.warm(config)
+
+    def clear(self) -> None:
+        for key in list(self.memo):
+            self._drop(key)
+
+    # selection ---------------------------------------------------------------------------------------
+    def chunk_order(self, shares: dict | None) -> list[int]:
+        """This rank's chunks, largest share of D per token first (the null prompt first without shares)."""
+        if not shares or "order" not in self.levers:
+            return list(self.chunks)
+        return sorted(self.chunks, key=lambda c: (-shares.get(self.global_id[c], 0.0) / self.tokens[c], c))
+
+    def select(self, cands: Sequence[Candidate], k: int, complete: list[tuple], desc: str = "") -> dict[int, float]:
         """Exact k best of `cands` and `complete`, scoring as few (candidate, chunk) pairs as possible.
 
-        cands: (config, start, parent cache, tie key, priority); complete: (score, tie key) already known.
-        Best-first over partial sums: the candidate with the lowest partial sum (a lower bound of its D) is
-        advanced by one chunk; once k scores are complete, a candidate whose partial sum exceeds the k-th
-        best is abandoned (strictly: equal partial sums are always finished, so ties are decided exactly).
-        Returns the complete scores by candidate position. Boundary states computed on the way are kept
-        (within the cache budget) for the candidates still in the running, so survivors need no second
-        forward to become beams.
+        complete: (score, tie key) already known. Best-first over partial sums: the candidate with the lowest
+        partial sum (a lower bound of its D) is advanced by one chunk (one per rank); once k scores are
+        complete, a candidate whose partial sum exceeds the k-th best is abandoned (strictly: equal partial
+        sums are always finished, so ties are decided exactly). Returns the complete scores by candidate
+        position; `self.shares[i]` holds each complete candidate's shares by global chunk.
         """
         r = self.runner
         r.counter.candidates += len(cands)
-        heap = [(0.0, cand[4], i) for i, cand in enumerate(cands)]
+        heap = [(0.0, cand.priority, i) for i, cand in enumerate(cands)]
         heapq.heapify(heap)
         progress, partial, done = [0] * len(cands), [0.0] * len(cands), {}
-        for i in list(self.states):
-            self._drop_state(i)
+        orders: dict[int, list[int]] = {}
+        keys: dict[int, list[tuple]] = {}
         finished = sorted(complete)
         received: list[list] = [[] for _ in cands]  # (global chunk, share of D) from every rank
+        self.shares = {}
         bar = progress_bar(total=len(cands) * self.rounds, desc=desc, disable=not self.progress, unit="round")
         while heap:
             lower, prio, i = heapq.heappop(heap)
-            if len(finished) >= k and lower > finished[k - 1][0]:
+            if "abandon" in self.levers and len(finished) >= k and lower > finished[k - 1][0]:
                 r.counter.abandoned += 1 + len(heap)
-                for _, _, j in heap:
-                    self._drop_state(j)
-                self._drop_state(i)
                 break
-            config, start, parent, tie, _ = cands[i]
+            cand = cands[i]
+            if i not in orders:
+                orders[i] = self.chunk_order(cand.shares)
+                keys[i] = prefix_keys(cand.config, r.num_blocks)
             pair = None
-            if progress[i] < len(self.chunks):
-                c = self.chunks[progress[i]]
-                keep = {} if (i in self.states or progress[i] == 0) else None
-                pair = (float(self.global_id[c]), self.chunk_contribution(config, start, parent, c, keep))
-                if keep is not None:
-                    self.states.setdefault(i, {})[c] = keep
-                    if keep.get("incomplete"):
-                        self._drop_state(i)  # out of budget: this candidate would be recomputed as a beam
+            if progress[i] < len(orders[i]):
+                c = orders[i][progress[i]]
+                pair = (float(self.global_id[c]), self.chunk_contribution(cand.config, c, cand.start, keys[i]))
             received[i] += self.group.gather_pairs(pair)
             partial[i] = fold(received[i])  # in global chunk order: a lower bound, and at the end D itself
             progress[i] += 1
             bar.update(1)
             if progress[i] == self.rounds:
                 done[i] = partial[i]
-                bisect.insort(finished, (partial[i], tie))
+                self.shares[i] = dict(received[i])
+                del orders[i], keys[i]
+                bisect.insort(finished, (partial[i], cand.tie))
                 bar.set_postfix(best=f"{finished[0][0]:.4g}", scored=len(done))
-                if len(finished) > k and (partial[i], tie) > finished[k - 1]:
-                    self._drop_state(i)  # complete but not among the k best: it cannot become a beam
             else:
                 heapq.heappush(heap, (partial[i], prio, i))
         bar.close()
-        for i in [i for i in self.states if i not in done]:
-            self._drop_state(i)
         return done
-
-    def release_states(self, keep: set[int] = frozenset()) -> None:
-        for i in [i for i in self.states if i not in keep]:
-            self._drop_state(i)
-
-    def cache_from(self, i: int, config: Config, start: int, parent: BoundaryCache) -> BoundaryCache:
-        """Beam cache of candidate i of the last `select`: its kept boundaries, or a fresh forward."""
-        kept = self.states.get(i)
-        if kept is None or len(kept) != len(self.chunks):
-            self._drop_state(i)
-            return self.cache(config)
-        self.states.pop(i)
-        values = {}
-        for c in self.chunks:
-            values[c] = {}
-            for k, v in parent.values.get(c, {}).items():
-                if k <= start:
-                    placed = self.budget.place(v)  # shared with the parent, counted for this beam too
-                    if placed is not None:
-                        values[c][k] = placed
-            values[c].update(kept[c])
-        return BoundaryCache(config, values)
 
     def report(self, config: Config) -> dict:
         """The discrepancy report of `config` over every rank's chunks, folded in global chunk order."""

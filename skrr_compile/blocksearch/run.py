@@ -15,7 +15,7 @@ from skrr_compile.blocksearch.checkpoint import STATE_FILE, Checkpoint, input_ke
 from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
 from skrr_compile.blocksearch.distributed import current_group
 from skrr_compile.blocksearch.errors import SearchError
-from skrr_compile.blocksearch.evaluator import Evaluator
+from skrr_compile.blocksearch.evaluator import LEVERS, Evaluator
 from skrr_compile.blocksearch.laco import LACO_DEFAULTS, laco
 from skrr_compile.blocksearch.memory import chunk_shapes_of, measured_peak, plan_memory
 from skrr_compile.blocksearch.offload import OffloadBudgetError, SafetensorsSource, WeightStore, source_digest
@@ -93,6 +93,7 @@ def search(
     device: str | torch.device | None = None,
     device_budget_gb: float | None = None,
     weights_path: str | Path | None = None,
+    levers: Sequence[str] | None = None,
 ) -> SearchResult:
     """Find a plan that removes at least `sparsity` of the encoder's parameters (paper accounting).
 
@@ -108,9 +109,14 @@ def search(
     `weights_path`, read by memory map, the model itself on the meta device; each stage's are copied to
     `device` as it runs, within `device_budget_gb`). The memory plan is printed at the start and kept in the report with the measured
     peak.
+
+    `levers` (for measurement) names the exact speed levers to use, default all of
+    blocksearch/evaluator.LEVERS; none changes the plan or a score, only the work done.
     """
     if method not in METHODS:
         raise SearchError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if levers is not None and (isinstance(levers, str) or not set(levers) <= set(LEVERS)):
+        raise SearchError(f"levers must be a list drawn from {', '.join(LEVERS)}, got {levers!r}")
     if beam < 1:
         raise SearchError(f"beam must be >= 1, got {beam}")
     if hidden_layer is not None:
@@ -188,7 +194,7 @@ def search(
     progress = progress and group.is_writer  # bars and logs on rank 0 only
     ev = Evaluator(runner, calibration, projection, select, cache_bytes=cache_bytes, group=group,
                    beam=width_k, progress=progress, host_cache_bytes=int(host_cache_gb * (1 << 30)),
-                   reference=reference, reference_path=(Path(out_dir) / (".reference.safetensors" if group.world == 1 else
+                   reference=reference, levers=levers, reference_path=(Path(out_dir) / (".reference.safetensors" if group.world == 1 else
                                                      f".reference.rank{group.rank}.safetensors")) if out_dir else None)
     report: dict = {"method": method, "target_sparsity": sparsity, "beam": 1 if method == "finercut" else beam}
     overrides: dict = {}
@@ -210,6 +216,7 @@ def search(
         plan = Plan(skip=skip, method=method, fingerprint=graph.fingerprint,
                     info={"laco": {**LACO_DEFAULTS, **(laco_params or {})}, "merged_params": sorted(overrides)})
         report["laco_log"] = log
+    ev.clear()  # the boundary states are not needed for the report
     removed = graph.removed_params(plan)
     report.update({
         "sparsity": removed / graph.total_params,

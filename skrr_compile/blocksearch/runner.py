@@ -8,6 +8,7 @@ the ones the rewritten GraphModule would call, in the same order, so results are
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,24 +48,24 @@ class Config:
 
 @dataclass
 class Counter:
-    """Sub-block evaluations (one stage on one prompt chunk whose branch actually runs)."""
+    """Where a search's time goes. block_evals: one stage whose branch runs, on one prompt chunk;
+    prompt_block_evals: the same per prompt (a chunk of n prompts counts n), the unit that does not depend
+    on the chunk size; recompute_evals: stages run before a candidate's first change (rebuilding a state
+    the budget did not keep); memo_starts / memo_stages_saved: chunk evaluations that started past their
+    first change, from a state another configuration computed, and the stages that saved."""
 
     block_evals: int = 0
+    prompt_block_evals: int = 0
     candidates: int = 0
     abandoned: int = 0
     chunk_evals: int = 0
     recompute_evals: int = 0
     prefix_evals: int = 0
+    memo_starts: int = 0
+    memo_stages_saved: int = 0
 
     def to_dict(self) -> dict:
-        return {
-            "prefix_evals": self.prefix_evals,
-            "block_evals": self.block_evals,
-            "candidates": self.candidates,
-            "abandoned": self.abandoned,
-            "chunk_evals": self.chunk_evals,
-            "recompute_evals": self.recompute_evals,
-        }
+        return dataclasses.asdict(self)
 
 
 class _Segment:

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import time
+
 from skrr_compile.blocksearch.checkpoint import Checkpoint
 from skrr_compile.blocksearch.errors import SearchError
-from skrr_compile.blocksearch.evaluator import Beam, Evaluator
+from skrr_compile.blocksearch.evaluator import Beam, Candidate, Evaluator
 from skrr_compile.blocksearch.runner import Config
 from skrr_compile.blocksearch.target import removed_by_skip
 from skrr_compile.core.trace import EncoderGraph
 
 
 # --- skip phase (Algorithm 1) ---------------------------------------------------------------------------
+def extensions(beams: list[Beam], K: int, finished) -> list[tuple[Beam, int]]:
+    """The next step's (parent, j): each unfinished beam plus one more sub-block, each skip set once
+    (from the first beam in score order that reaches it), never all K."""
+    seen: set[frozenset] = {b.config.skip for b in beams if finished(b)}
+    out = []
+    for b in sorted(beams, key=lambda b: b.key):
+        if finished(b):
+            continue
+        for j in range(K):
+            s = b.config.skip | {j}
+            if j in b.config.skip or len(s) == K or s in seen:
+                continue
+            seen.add(s)
+            out.append((b, j))
+    return out
+
+
 def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: Checkpoint,
               progress: bool = True) -> tuple[Beam, list[dict]]:
     K = len(graph.blocks)
@@ -23,35 +42,22 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
         delta = {int(k): v for k, v in st.get("delta", {}).items()}
     else:
         beams, history, delta = [Beam(Config(), (), 0.0)], [], {}
-    caches = {b.config: ev.cache(b.config) for b in beams if not finished(b)}
+    for b in beams:
+        if not finished(b):
+            ev.warm(b.config)
     while not all(finished(b) for b in beams):
-        pool: dict[frozenset, tuple] = {}
-        carried = []
-        for b in sorted(beams, key=lambda b: b.key):
-            if finished(b):
-                carried.append(b)
-                pool[b.config.skip] = None
-                continue
-            for j in range(K):
-                s = b.config.skip | {j}
-                if j in b.config.skip or len(s) == K or s in pool:
-                    continue
-                pool[s] = (b, j)
-        cands = [v for v in pool.values() if v is not None]
+        t0 = time.perf_counter()
+        carried = [b for b in beams if finished(b)]
+        cands = extensions(beams, K, finished)
         cands.sort(key=lambda bj: (bj[0].score + delta.get(bj[1], 0.0), bj[1]))
-        specs = []
-        for parent, j in cands:
-            config = parent.config.with_skip(j)
-            specs.append((config, j, caches[parent.config], tuple(sorted(config.skip)),
-                          (parent.score + delta.get(j, 0.0), j)))
+        specs = [Candidate(parent.config.with_skip(j), j, tuple(sorted(parent.config.skip | {j})),
+                           (parent.score + delta.get(j, 0.0), j), parent.shares) for parent, j in cands]
         known = [(b.score, tuple(sorted(b.config.skip))) for b in carried]
         scores = ev.select(specs, beam, known, desc=f"skip step {len(history) + 1}")
         complete = [(b.score, tuple(sorted(b.config.skip)), b) for b in carried]
-        origin = {}
         for i, d in scores.items():
             parent, j = cands[i]
-            complete.append((d, specs[i][3], Beam(specs[i][0], parent.order + (j,), d)))
-            origin[specs[i][0]] = (i, j, caches[parent.config])
+            complete.append((d, specs[i].tie, Beam(specs[i].config, parent.order + (j,), d, ev.shares[i])))
             delta[j] = d - parent.score
         if progress:
             best_now = min(complete, key=lambda c: c[:2])
@@ -59,21 +65,14 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
                   f"best D {best_now[0]:.4g} (skip {list(best_now[1])})", flush=True)
         if not complete:
             raise SearchError("no candidate could be scored (every extension would skip all sub-blocks)")
-        survivors = [c[2] for c in sorted(complete, key=lambda c: c[:2])[:beam]]
-        best = survivors[0]
+        beams = [c[2] for c in sorted(complete, key=lambda c: c[:2])[:beam]]
+        best = beams[0]
         history.append({"depth": len(best.order), "candidates": len(cands), "scored": len(scores),
                         "skip": sorted(best.config.skip), "order": list(best.order),
                         "score": best.score, "sparsity": removed_by_skip(graph, best.config.skip, memo) / graph.total_params})
-        beams = survivors
-        new_caches = {
-            b.config: caches.get(b.config) or ev.cache_from(origin[b.config][0], b.config, *origin[b.config][1:])
-            for b in beams if not finished(b)
-        }
-        ev.release_states()
-        for config, old in caches.items():
-            if config not in new_caches:
-                old.release(ev.budget)
-        caches = new_caches
+        live = [b for b in beams if not finished(b)]
+        ev.retain([b.config for b in live], [p.config.with_skip(j) for p, j in extensions(beams, K, finished)])
+        history[-1].update(seconds=time.perf_counter() - t0, counter=ev.runner.counter.to_dict())
         ckpt.save(phase="skip", beams=[b.to_dict() for b in beams], history=history,
                   delta={str(k): v for k, v in delta.items()}, counter=ev.runner.counter.to_dict())
     return min(beams, key=lambda b: b.key), history
@@ -87,14 +86,15 @@ def reuse_phase(graph: EncoderGraph, ev: Evaluator, best: Beam, ckpt: Checkpoint
     st = ckpt.state
     current = Beam.from_dict(st["reuse_beam"]) if st.get("reuse_beam") else best
     steps = st.get("reuse_steps", [])
-    cache = ev.cache(current.config)
+    ev.retain([current.config])  # the skip phase's last states: only the best beam's are read now
     for pos, i in enumerate(best.order):
         if pos < len(steps):
             continue
         left = [j for j in range(i - 1, -1, -1) if j not in skip and kinds[j] == kinds[i]][:1]
         right = [j for j in range(i + 1, len(kinds)) if j not in skip and kinds[j] == kinds[i]][:1]
         options = left + right
-        specs = [(current.config.with_reuse(i, j), i, cache, n, (n,)) for n, j in enumerate(options)]
+        specs = [Candidate(current.config.with_reuse(i, j), i, n, (n,), current.shares)
+                 for n, j in enumerate(options)]
         # ties keep skipping, then prefer left over right
         scored = ev.select(specs, 1, [(current.score, -1)], desc=f"re-use {i}")
         scores = {"skip": current.score, **{options[n]: scored.get(n) for n in range(len(options))}}
@@ -105,11 +105,9 @@ def reuse_phase(graph: EncoderGraph, ev: Evaluator, best: Beam, ckpt: Checkpoint
         steps.append({"block": i, "left": left[0] if left else None, "right": right[0] if right else None,
                       "scores": {str(k): v for k, v in scores.items()}, "chosen": best_choice})
         if best_choice is not None:
-            current = Beam(current.config.with_reuse(i, best_choice), current.order, best_score)
-            new_cache = ev.cache_from(options.index(best_choice), current.config, i, cache)
-            cache.release(ev.budget)
-            cache = new_cache
-        ev.release_states()
+            n = options.index(best_choice)
+            current = Beam(current.config.with_reuse(i, best_choice), current.order, best_score, ev.shares[n])
+        ev.retain([current.config])
         ckpt.save(phase="reuse", reuse_beam=current.to_dict(), reuse_steps=steps,
                   counter=ev.runner.counter.to_dict())
     return current, steps

@@ -1,0 +1,136 @@
+"""The exact speed levers of the search (issue 13): each one, alone or with the others, gives the naive
+reference's plan and scores; the state memo only ever holds what a fresh forward computes; the counters
+show each lever at work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import FAMILIES, inputs
+from search_reference import NaiveScorer, naive_reuse_phase, naive_skip_phase
+
+import skrr_compile as skrr
+from skrr_compile.blocksearch.calibration import Calibration
+from skrr_compile.blocksearch.errors import SearchError
+from skrr_compile.blocksearch.evaluator import LEVERS, Beam, Candidate, Evaluator, prefix_keys
+from skrr_compile.blocksearch.run import search
+from skrr_compile.blocksearch.runner import Config, StagedRunner
+
+
+def calibration(lengths=(10, 6, 12, 8), batch=3, seed=0):
+    """Chunks of different lengths (so chunk costs differ) and the null prompt."""
+    chunks = [inputs(batch, n, seed=seed + i) for i, n in enumerate(lengths)]
+    return Calibration(prompts=["p"] * (batch * len(lengths)), chunks=chunks, null=inputs(1, 3, seed=99, pad_last=False))
+
+
+@pytest.fixture(scope="module")
+def t5_case():
+    """A small T5 with re-use, its naive search (a full forward per candidate) computed once."""
+    model = FAMILIES["t5-gated"].make(seed=11)
+    cal = calibration()
+    graph = skrr.trace(model)
+    scorer = NaiveScorer(model, graph, cal, family=FAMILIES["t5-gated"])
+    skip, order, history, score = naive_skip_phase(scorer, 0.35, 3)
+    reuse, final = naive_reuse_phase(scorer, skip, order, score)
+    return model, cal, graph, {"skip": skip, "order": order, "history": history, "reuse": reuse, "score": final,
+                               "block_evals": scorer.block_evals}
+
+
+SUBSETS = [()] + [(lever,) for lever in LEVERS] + [LEVERS]
+
+
+@pytest.mark.parametrize("levers", SUBSETS, ids=lambda s: "+".join(s) or "none")
+def test_every_lever_subset_gives_the_naive_plan_and_scores(t5_case, levers):
+    model, cal, graph, want = t5_case
+    fast = search(model, None, cal, sparsity=0.35, method="skrr", progress=False, graph=graph, levers=levers)
+    assert set(fast.plan.skip) == want["skip"] and fast.plan.order == want["order"]
+    assert fast.plan.reuse == want["reuse"]
+    assert len(fast.plan.scores) == len(want["history"])
+    for a, b in zip(fast.plan.scores, want["history"]):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-12)
+    assert fast.report["discrepancy"] == pytest.approx(want["score"], rel=1e-6, abs=1e-12)
+    c = fast.report["counter"]
+    assert (c["abandoned"] > 0) == ("abandon" in levers)
+    assert (c["memo_starts"] > 0) == ("memo" in levers)
+    assert c["block_evals"] < want["block_evals"]
+
+
+def test_each_lever_saves_work_and_the_report_keeps_the_counters(t5_case):
+    model, cal, graph, _ = t5_case
+    runs = {name: search(model, None, cal, sparsity=0.35, method="skrr-skip", progress=False, graph=graph,
+                         levers=[x for x in LEVERS if x != name])
+            for name in (None, *LEVERS)}
+    work = {name: r.report["counter"]["prompt_block_evals"] for name, r in runs.items()}
+    assert work[None] < work["abandon"] and work[None] < work["memo"], work
+    steps = runs[None].report["depth_history"]
+    assert all(h["seconds"] >= 0 and h["counter"]["candidates"] > 0 for h in steps)
+    assert [h["counter"]["block_evals"] for h in steps] == sorted(h["counter"]["block_evals"] for h in steps)
+
+
+def test_unknown_lever_is_refused_with_the_known_ones(t5_case):
+    model, cal, graph, _ = t5_case
+    with pytest.raises(SearchError, match="levers must be a list drawn from abandon, memo, order"):
+        search(model, None, cal, sparsity=0.35, progress=False, graph=graph, levers=["batch"])
+
+
+def test_prefix_keys_name_the_modes_below_each_boundary():
+    keys = prefix_keys(Config(frozenset({1, 4}), ((4, 2),)), 6)
+    assert keys[0] == keys[1] == ()
+    assert keys[2] == keys[4] == ((1, "skip"),)
+    assert keys[5] == keys[6] == ((1, "skip"), (4, 2))
+
+
+def test_every_memo_state_equals_a_fresh_forward_of_its_prefix():
+    """The memo's invariant: (chunk, k, modes below k) -> exactly the s_k any configuration with those modes
+    below k computes from scratch (bit for bit), after a skip step and the retain that follows it."""
+    model = FAMILIES["t5-gated"].make(seed=12)
+    runner = StagedRunner(skrr.trace(model))
+    ev = Evaluator(runner, calibration(), None)
+    K = runner.num_blocks
+    parents = [Beam(Config(frozenset({1})), (1,), 0.0), Beam(Config(frozenset({4})), (4,), 0.0)]
+    cands = [Candidate(p.config.with_skip(j), j, tuple(sorted(p.config.skip | {j})), (0.0, j))
+             for p in parents for j in range(K) if j not in p.config.skip]
+    for p in parents:
+        ev.warm(p.config)
+    ev.select(cands, 2, [])
+    assert runner.counter.memo_starts > 0  # (1, j) and (4, j) share states below 1 and 4, and j < 1 or 4 ...
+    ev.retain([cands[0].config], [cands[0].config.with_skip(j) for j in (3, 5)])
+    assert ev.memo
+    for (c, k, key), held in ev.memo.items():
+        config = Config(frozenset(i for i, _ in key), tuple((i, m) for i, m in key if m != "skip"))
+        ctx = runner.prefix(*ev.inputs[c])
+        h = ctx["s0"]
+        for stage in range(k):
+            h = runner.stage(stage, h, ctx, config.mode(stage))
+        assert torch.equal(held, h), (c, k, key)
+
+
+def test_chunks_are_scored_by_the_parents_share_per_token_largest_first():
+    model = FAMILIES["t5-gated"].make(seed=13)
+    ev = Evaluator(StagedRunner(skrr.trace(model)), calibration(lengths=(10, 6, 12, 8)), None)
+    tokens = {c: ev.inputs[c][0].numel() for c in ev.chunks}
+    assert tokens == {-1: 3, 0: 30, 1: 18, 2: 36, 3: 24}
+    shares = {-1: 0.003, 0: 0.6, 1: 0.36, 2: 0.36, 3: 0.72}  # per token: 0.001, 0.02, 0.02, 0.01, 0.03
+    assert ev.chunk_order(shares) == [3, 0, 1, 2, -1]  # equal ratios: lower chunk first
+    assert ev.chunk_order(None) == [-1, 0, 1, 2, 3]
+    assert Evaluator(ev.runner, calibration(), None, levers=["memo"]).chunk_order(shares) == [-1, 0, 1, 2, 3]
+
+
+def test_reuse_that_ties_with_the_skip_keeps_the_skip():
+    """FFNs of layers 1 and 2 output zero: re-using layer 2's FFN for a skipped layer-1 FFN scores exactly what
+    the skip scores; ties keep skipping (an exact tie in the re-use phase once compared a tuple with an int)."""
+    model = FAMILIES["t5-gated"].make(seed=14)
+    with torch.no_grad():
+        for layer in (1, 2):
+            model.encoder.block[layer].layer[1].DenseReluDense.wo.weight.zero_()
+    graph = skrr.trace(model)
+    cal = calibration()
+    sparsity = 0.99 * graph.blocks[3].num_params / graph.total_params
+    fast = search(model, None, cal, sparsity=sparsity, method="skrr", beam=1, progress=False, graph=graph)
+    scorer = NaiveScorer(model, graph, cal)
+    skip, order, _, score = naive_skip_phase(scorer, sparsity, 1)
+    reuse, _ = naive_reuse_phase(scorer, skip, order, score)
+    assert set(fast.plan.skip) == skip == {3} and fast.plan.scores == (0.0,)
+    assert fast.plan.reuse == reuse == {}
+    step = fast.report["reuse_steps"][0]
+    assert step["right"] == 5 and step["scores"]["5"] == step["scores"]["skip"] == 0.0 and step["chosen"] is None
