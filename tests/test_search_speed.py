@@ -25,13 +25,18 @@ def calibration(lengths=(10, 6, 12, 8), batch=3, seed=0):
 
 @pytest.fixture(scope="module")
 def t5_case():
-    """A small T5 with re-use, its naive search (a full forward per candidate) computed once."""
-    model = FAMILIES["t5-gated"].make(seed=11)
+    """A small T5 whose search re-uses a sub-block (layer 2's FFN is a copy of layer 1's, so re-using it for a
+    skipped layer-1 FFN wins), its naive search (a full forward per candidate) computed once."""
+    model = FAMILIES["t5-gated"].make(seed=12)
+    with torch.no_grad():
+        for a, b in zip(model.encoder.block[2].layer[1].parameters(), model.encoder.block[1].layer[1].parameters()):
+            a.copy_(b)
     cal = calibration()
     graph = skrr.trace(model)
     scorer = NaiveScorer(model, graph, cal, family=FAMILIES["t5-gated"])
     skip, order, history, score = naive_skip_phase(scorer, 0.35, 3)
     reuse, final = naive_reuse_phase(scorer, skip, order, score)
+    assert reuse  # the re-use phase is exercised
     return model, cal, graph, {"skip": skip, "order": order, "history": history, "reuse": reuse, "score": final,
                                "block_evals": scorer.block_evals}
 
@@ -134,3 +139,18 @@ def test_reuse_that_ties_with_the_skip_keeps_the_skip():
     assert fast.plan.reuse == reuse == {}
     step = fast.report["reuse_steps"][0]
     assert step["right"] == 5 and step["scores"]["5"] == step["scores"]["skip"] == 0.0 and step["chosen"] is None
+
+
+def test_the_skip_phase_inside_a_skrr_result_is_the_skrr_skip_result(t5_case):
+    """compare derives its skrr-skip rows from the skrr search instead of searching twice."""
+    from skrr_compile.blocksearch.run import skip_phase_result
+
+    model, cal, graph, _ = t5_case
+    both = search(model, None, cal, sparsity=0.35, method="skrr", progress=False, graph=graph)
+    alone = search(model, None, cal, sparsity=0.35, method="skrr-skip", progress=False, graph=graph)
+    derived = skip_phase_result(both)
+    assert both.plan.reuse  # the re-use phase changed something, so the two results really differ
+    assert derived.plan.to_dict() == alone.plan.to_dict()
+    for key in ("sparsity", "removed_params", "discrepancy", "calibration_report", "skip", "order", "reuse"):
+        assert derived.report[key] == alone.report[key], key
+    assert derived.report["method"] == "skrr-skip" and "reuse_steps" not in derived.report

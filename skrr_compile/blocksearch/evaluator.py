@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -147,6 +148,7 @@ class Evaluator:
                  select: Callable = last_hidden_state, cache_bytes: int = 4 << 30, beam: int = 3,
                  progress: bool = False, host_cache_bytes: int = 0, reference: str = "device",
                  reference_path=None, group=None, levers: Sequence[str] | None = None):
+        self.started = time.perf_counter()  # per-step "elapsed" in the report counts from here
         self.levers = frozenset(LEVERS if levers is None else levers)
         if not self.levers <= set(LEVERS):
             raise ValueError(f"unknown search levers {sorted(self.levers - set(LEVERS))}; known: {', '.join(LEVERS)}")

@@ -24,7 +24,7 @@ from skrr_compile.blocksearch.runner import Config, StagedRunner
 from skrr_compile.blocksearch.selectors import output_selector, with_hidden_states
 from skrr_compile.blocksearch.shortgpt import shortgpt
 from skrr_compile.blocksearch.skrr import beam_skip, reuse_phase
-from skrr_compile.blocksearch.target import check_sparsity
+from skrr_compile.blocksearch.target import check_sparsity, removed_by_skip
 from skrr_compile.core.plan import Plan
 from skrr_compile.core.trace import EncoderGraph, trace
 from skrr_compile.utils.allocator import keep_large_tensors_mmapped
@@ -201,7 +201,11 @@ def search(
     if method in ("skrr", "skrr-skip", "finercut"):
         best, history = beam_skip(graph, ev, target, 1 if method == "finercut" else beam, ckpt, progress)
         report["depth_history"] = history
-        if method == "skrr":
+        if method == "skrr":  # the skip phase alone is what method skrr-skip returns: kept for compare
+            skip_only = Config(best.config.skip)
+            report["skip_phase"] = {"skip": sorted(best.config.skip), "order": list(best.order),
+                                    "removed_params": removed_by_skip(graph, best.config.skip, {}),
+                                    "counter": runner.counter.to_dict(), "seconds": time.perf_counter() - t0}
             best, steps = reuse_phase(graph, ev, best, ckpt, progress)
             report["reuse_steps"] = steps
         plan = Plan(skip=sorted(best.config.skip), reuse=best.config.reuse_map, method=method, order=best.order,
@@ -241,6 +245,8 @@ def search(
     })
     with runner.overridden(overrides):
         report["calibration_report"] = ev.report(Config(frozenset(plan.skip), tuple(sorted(plan.reuse.items())))).to_dict()
+    if "skip_phase" in report:
+        report["skip_phase"]["calibration_report"] = ev.report(skip_only).to_dict()
     per_rank = group.gather_objects({"rank": group.rank, "seconds": time.perf_counter() - t0,
                                      "chunks": len(ev.chunks), **runner.counter.to_dict()})
     report["distributed"] = {"world_size": group.world, "ranks": per_rank}
@@ -348,6 +354,20 @@ def materialize(graph: EncoderGraph, result: SearchResult):
         tensors.update({k: v.clone() for k, v in result.overrides.items()})
         bind_tensors(pruned.graph_module, tensors)
     return pruned
+
+
+def skip_phase_result(result: SearchResult) -> SearchResult:
+    """The skrr-skip result inside a skrr result: the same beam search, before the re-use phase (identical to
+    running method skrr-skip with the same inputs), so `compare` need not search twice."""
+    sp, rep = result.report["skip_phase"], result.report
+    plan = Plan(skip=sp["skip"], method="skrr-skip", order=tuple(sp["order"]), scores=result.plan.scores,
+                fingerprint=result.plan.fingerprint)
+    report = {k: v for k, v in rep.items() if k not in ("skip_phase", "reuse_steps")}
+    report.update(method="skrr-skip", skip=list(plan.skip), reuse={}, order=list(plan.order),
+                  removed_params=sp["removed_params"], sparsity=sp["removed_params"] / rep["total_params"],
+                  counter=sp["counter"], seconds=sp["seconds"], calibration_report=sp["calibration_report"],
+                  discrepancy=sp["calibration_report"]["discrepancy"])
+    return SearchResult(plan, report)
 
 
 def heldout_report(dense, pruned, calibration: Calibration, projection=None, select=last_hidden_state) -> dict:

@@ -72,7 +72,8 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
                         "score": best.score, "sparsity": removed_by_skip(graph, best.config.skip, memo) / graph.total_params})
         live = [b for b in beams if not finished(b)]
         ev.retain([b.config for b in live], [p.config.with_skip(j) for p, j in extensions(beams, K, finished)])
-        history[-1].update(seconds=time.perf_counter() - t0, counter=ev.runner.counter.to_dict())
+        now = time.perf_counter()
+        history[-1].update(seconds=now - t0, elapsed=now - ev.started, counter=ev.runner.counter.to_dict())
         ckpt.save(phase="skip", beams=[b.to_dict() for b in beams], history=history,
                   delta={str(k): v for k, v in delta.items()}, counter=ev.runner.counter.to_dict())
     return min(beams, key=lambda b: b.key), history

@@ -23,6 +23,7 @@ from skrr_compile.blocksearch.run import (
     prepare_calibration,
     result_row,
     search,
+    skip_phase_result,
 )
 from skrr_compile.blocksearch.selectors import output_selector, parse_layers, with_hidden_states
 from skrr_compile.blocksearch.target import check_sparsity
@@ -447,12 +448,23 @@ def cmd_compare(args) -> int:
     hint = "the finished rows are kept: run the same compare into the same --out to continue (any number of ranks)"
     heldout = distributed(lambda: ShardedDiscrepancy(with_hidden_states(model, select), held, select=select),
                           hint) if held else None
+    if "skrr" in methods and "skrr-skip" in methods:  # skrr-skip = skrr's skip phase: searched once, skrr first
+        methods.remove("skrr-skip")
+        methods.insert(methods.index("skrr") + 1, "skrr-skip")
+        notes.append("skrr-skip rows are the skip phase of the skrr search at the same sparsity (the same beam "
+                     "search as method skrr-skip, which is not run again)")
     for s in sparsities:
+        skrr_result = None
         for m in methods:
             if (m, s) in have:
                 continue
             try:
-                result = distributed(lambda: _compare_search(args, group, model, tok, cal, graph, s, m), hint)  # noqa: B023
+                if m == "skrr-skip" and skrr_result is not None:
+                    result = skip_phase_result(skrr_result)
+                else:
+                    result = distributed(lambda: _compare_search(args, group, model, tok, cal, graph, s, m), hint)  # noqa: B023
+                if m == "skrr":
+                    skrr_result = result
             except SearchError as e:  # the same on every rank: the inputs are the same
                 if writer:
                     print(f"{m:>10} @ {s:.2f}: skipped: {e}", flush=True)
