@@ -442,3 +442,121 @@ def test_sana_prune_pipeline_search(tmp_path):
     assert len(plan.skip) >= 1
     assert plans.spec.encoders["text_encoder"].template == spec.template
     _check_pruned(pipe, spec, plan, dense, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the magnitude sweep's text metric measures what the denoiser reads (as the Skrr search scores it)
+# ---------------------------------------------------------------------------------------------------
+def _encode_prompt_discrepancy(pipe, prompts, encode, project, pruned_component) -> tuple[float, float]:
+    """(mse_prompts, mse_null) computed from the pipeline's own encode_prompt: the embeddings it hands the
+    denoiser with its dense component and with `pruned_component`, through `project`, over the tokens its
+    mask keeps (all when it returns none), squared errors summed over prompts then divided by the count."""
+    dense_component = pipe.text_encoder
+
+    def embeddings(prompt):
+        with torch.no_grad():
+            embeds, mask = encode(pipe, prompt)
+            projected = project(embeds)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+        return projected, mask
+
+    parts = []
+    for group in (prompts, [""]):
+        sq, count = 0.0, 0.0
+        for prompt in group:
+            pipe.register_modules(text_encoder=dense_component)
+            ref, mask = embeddings(prompt)
+            pipe.register_modules(text_encoder=pruned_component)
+            ours, mask2 = embeddings(prompt)
+            assert torch.equal(mask, mask2)
+            sq += float(((ours.double() - ref.double()) ** 2)[mask].sum())
+            count += float(mask.sum()) * ref.shape[-1]
+        parts.append(sq / count)
+    pipe.register_modules(text_encoder=dense_component)
+    return parts[0], parts[1]
+
+
+def _magnitude_pruned(component, inner: str | None, sparsity: float):
+    """A copy of the component whose text model (`inner`, or the component itself) is magnitude-pruned."""
+    from skrr_compile.magnitude.config import MagnitudeConfig
+    from skrr_compile.magnitude.prune import prune
+
+    pruned = copy.deepcopy(component)
+    prune(pruned.get_submodule(inner) if inner else pruned, MagnitudeConfig(sparsity, "magnitude"))
+    return pruned
+
+
+def test_sweep_cli_text_metric_on_lumina2_equals_encode_prompt(tmp_path):
+    """`skrr-compile sweep` on Lumina 2 (hidden_states[-2] behind the system prompt): each point's discrepancy is
+    the MSE between encode_prompt's caption embeddings with the dense and the magnitude-pruned Gemma-2, through
+    the caption embedder (before: KeyError 'select', since the spec reads another hidden layer)."""
+    import json
+
+    from skrr_compile.cli.main import main
+
+    pipe = make_lumina2()
+    pipe.save_pretrained(tmp_path / "pipe")
+    prompts = T5_PROMPT_CORPUS[:3]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "sweep"
+    m = 48  # max_sequence_length, the system prompt included
+    assert main(["sweep", str(tmp_path / "pipe"), "--target", "text_encoder", "--sparsity", "0.3,0.6",
+                 "--prompts", str(tmp_path / "p.txt"), "--chunk-size", "2", "--max-length", str(m),
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["reads"] == ["hidden_states[-2] -> transformer.time_caption_embed.caption_embedder"]
+    assert data["spec"]["template"] == pipe.system_prompt + " <Prompt Start> {prompt}" and data["num_prompts"] == 3
+    points = data["results"][0]["points"]
+
+    def encode(p, prompt):
+        embeds, mask, *_ = p.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=m)
+        return embeds, mask
+
+    project = pipe.transformer.time_caption_embed.caption_embedder
+    for point, s in zip(points, (0.3, 0.6)):
+        mse_p, mse_n = _encode_prompt_discrepancy(pipe, prompts, encode, project,
+                                                  _magnitude_pruned(pipe.text_encoder, None, s))
+        assert mse_p > 0 and mse_n > 0
+        assert point["mse_prompts"] == pytest.approx(mse_p, rel=1e-4)
+        assert point["mse_null"] == pytest.approx(mse_n, rel=1e-4)
+        assert point["discrepancy"] == pytest.approx(mse_p + mse_n, rel=1e-4)
+    assert points[1]["discrepancy"] > points[0]["discrepancy"]
+
+
+def _klein_encode(p, prompt):
+    embeds, _ = p.encode_prompt(prompt, device="cpu", max_sequence_length=FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS)
+    return embeds, None  # every padded position reaches the context embedder
+
+
+def _qwenimage_encode(p, prompt):
+    return p.encode_prompt(prompt, device="cpu", max_sequence_length=QWENIMAGE_MAX_SEQUENCE)
+
+
+@pytest.mark.parametrize("family", ["flux2klein", "qwenimage"])
+def test_spec_scoring_measures_the_text_model_the_pipeline_reads(family):
+    """spec_scoring (what the sweep's metric and the search score) on encoders inside a larger component
+    (Klein's Qwen3ForCausalLM: a stack of layers, no special tokens added by the template's owner; Qwen-Image's
+    VL model: the template's prefix dropped): the text model is what is pruned and scored, and the discrepancy
+    equals encode_prompt's embeddings of the dense vs the pruned pipeline through the context embedder."""
+    from skrr_compile.blocksearch.discrepancy import Discrepancy
+    from skrr_compile.deploy.pipelines.prune import spec_scoring
+
+    if family == "flux2klein":
+        pipe, encode = make_flux2klein(), _klein_encode
+        spec = describe_pipeline(pipe, FLUX2_MAX_SEQUENCE, **KLEIN_KWARGS).encoders["text_encoder"]
+        project, inner, text_model = pipe.transformer.context_embedder, "model", "Qwen3Model"
+    else:
+        pipe, encode = make_qwenimage(), _qwenimage_encode
+        spec = describe_pipeline(pipe, QWENIMAGE_MAX_SEQUENCE).encoders["text_encoder"]
+        t = pipe.transformer
+        project, inner, text_model = (lambda x: t.txt_in(t.txt_norm(x))), "model.language_model", "Qwen2_5_VLTextModel"
+    prompts = T5_PROMPT_CORPUS[:3]
+    scoring = spec_scoring(pipe, spec, prompts, chunk_size=2)
+    assert type(scoring.model).__name__ == text_model and scoring.model is pipe.text_encoder.get_submodule(inner)
+    metric = Discrepancy(scoring.call(scoring.model), scoring.calibration, scoring.projection, scoring.select)
+    pruned = _magnitude_pruned(pipe.text_encoder, inner, 0.5)
+    report = metric.evaluate(scoring.call(pruned.get_submodule(inner)))
+    mse_p, mse_n = _encode_prompt_discrepancy(pipe, prompts, encode, project, pruned)
+    assert mse_p > 0 and mse_n > 0
+    assert report.mse_prompts == pytest.approx(mse_p, rel=1e-4)
+    assert report.mse_null == pytest.approx(mse_n, rel=1e-4)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from skrr_compile.blocksearch.calibration import read_prompts, tokenize
+from skrr_compile.blocksearch.calibration import read_prompts
 from skrr_compile.blocksearch.distributed import ShardedDiscrepancy, current_group
 from skrr_compile.cli.main import (
     CLIError,
@@ -81,7 +81,8 @@ def register(sub) -> None:
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--read", choices=("auto", "mask", "all"), default="auto",
                    help="token positions the discrepancy reads (auto: all 77 for CLIP in a pipeline, else the mask)")
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-length", type=int,
+                   help="in a pipeline: the max_sequence_length it runs with (default: its own); else the token limit")
     p.add_argument("--timesteps", default=",".join(str(t) for t in DEFAULT_TIMESTEPS),
                    help="denoiser: timesteps as fractions of the schedule")
     p.add_argument("--batch", type=int, default=2, help="denoiser: latents per timestep")
@@ -149,11 +150,15 @@ def _wanda_calibration(args, path: Path, name: str, model):
     tokenizer = load_source_tokenizer(path, name)
     if tokenizer is None:
         raise CLIError(f"Wanda needs the tokenizer of {name!r}; none found in {str(path)!r}")
+    prompts = _calibration_prompts(args)
+    return text_calibration(tokenizer, prompts, model, in_pipeline=is_pipeline_dir(path))
+
+
+def _calibration_prompts(args) -> list[str]:
     try:
-        prompts = read_prompts(args.calib_prompts, field=args.calib_field, limit=args.calib_limit)
+        return read_prompts(args.calib_prompts, field=args.calib_field, limit=args.calib_limit)
     except FileNotFoundError as e:
         raise CLIError(f"Wanda calibration prompts: {e}; pass --calib-prompts FILE") from e
-    return text_calibration(tokenizer, prompts, model, in_pipeline=is_pipeline_dir(path))
 
 
 def _check_out(args) -> None:
@@ -247,37 +252,47 @@ def _magnitude(args, group) -> int:
 
 
 def _text_metric(args, path: Path, name: str, pipeline: bool):
-    """(model, evaluate(model), info) for a text encoder: the Skrr search's discrepancy.
+    """(model, evaluate(model), info, calibrate(prompts) or None) for a text encoder: the Skrr search's discrepancy.
 
-    In a pipeline the metric reads what the pipeline feeds its denoiser, through the module that consumes it
-    (`pipelines.describe_pipeline`: e.g. PixArt's caption projection, SDXL's hidden_states[-2]); otherwise the
-    last hidden state over the attention-mask tokens.
+    In a supported pipeline the metric is what the search scores for the same spec (`pipelines.spec_scoring`):
+    the text model the pipeline runs (the language model inside an LLM component, which is also what is
+    pruned), the prompts through the pipeline's template, tokenizer, mask and special tokens, the layer(s) it
+    reads, the tokens it drops, through the module that consumes them (e.g. PixArt's caption projection,
+    Lumina 2's caption embedder on hidden_states[-2]). `calibrate` tokenizes Wanda's prompts the same way.
+    Otherwise the last hidden state over the attention-mask tokens.
     """
     from skrr_compile.blocksearch.discrepancy import last_hidden_state
 
     prompts = read_prompts(args.prompts, field=args.field, limit=args.limit)
-    spec = None
+    scoring = calibrate = None
     if pipeline:
         try:
             from diffusers import DiffusionPipeline
 
-            from skrr_compile.deploy.pipelines.encoder import UnsupportedPipelineError
-            from skrr_compile.deploy.pipelines.prune import search_arguments
+            from skrr_compile.deploy.pipelines.encoder import NoTextEncoderError, UnsupportedPipelineError
+            from skrr_compile.deploy.pipelines.prune import spec_scoring
             from skrr_compile.deploy.pipelines.specs import describe_pipeline
-
-            pipe = DiffusionPipeline.from_pretrained(path, **({"torch_dtype": _dtype(args)} if args.dtype else {}))
-            spec = describe_pipeline(pipe).encoders.get(name)
-        except (ImportError, UnsupportedPipelineError) as e:
+        except ImportError as e:
             _say(f"note: {e}; scoring the last hidden state of {name!r} without the pipeline's projection")
-            spec = None
-    if spec is not None:
-        model = getattr(pipe, name).eval()
-        kw = search_arguments(pipe, spec)
-        read = kw["read"] if args.read == "auto" else args.read
-        cal = tokenize(spec.calibration_tokenizer(pipe), prompts, max_length=args.max_length or kw["max_length"],
-                       padding=kw["padding"], chunk_size=args.chunk_size, read=read)
-        projection, select = kw["projection"], kw["select"]
+        else:
+            pipe = DiffusionPipeline.from_pretrained(path, **({"torch_dtype": _dtype(args)} if args.dtype else {}))
+            try:
+                spec = describe_pipeline(pipe, args.max_length).encoders.get(name)
+            except (UnsupportedPipelineError, NoTextEncoderError) as e:
+                _say(f"note: {e}; scoring the last hidden state of {name!r} without the pipeline's projection")
+                spec = None
+            if spec is not None:
+                read = None if args.read == "auto" else args.read
+                scoring = spec_scoring(pipe, spec, prompts, chunk_size=args.chunk_size, read=read)
+
+                def calibrate(calib_prompts):
+                    return spec_scoring(pipe, spec, calib_prompts, chunk_size=args.chunk_size, read=read).calibration
+
+    if scoring is not None:
+        model, cal, projection, select = scoring.model.eval(), scoring.calibration, scoring.projection, scoring.select
+        call = scoring.call
         reads = [o.describe() for o in spec.outputs]
+        extra = {"text_model": type(model).__name__, "spec": spec.to_dict()}
     else:
         model = load_source_component(path, name, dtype=_dtype(args))
         tokenizer = load_source_tokenizer(path, name)
@@ -285,19 +300,16 @@ def _text_metric(args, path: Path, name: str, pipeline: bool):
             raise CLIError(f"no tokenizer found for {name!r} in {str(path)!r}")
         cal = text_calibration(tokenizer, prompts, model, in_pipeline=pipeline, read=args.read,
                                max_length=args.max_length, chunk_size=args.chunk_size)
-        projection, select, reads = None, last_hidden_state, ["last_hidden_state -> identity"]
-    hidden = spec is not None and spec.hidden_states
+        projection, select, reads, extra = None, last_hidden_state, ["last_hidden_state -> identity"], {}
 
-    def call(m):
-        if not hidden:
+        def call(m):
             return m
-        return lambda ids, attention_mask=None: m(ids, attention_mask=attention_mask, output_hidden_states=True)
 
     _say(f"dense reference on {cal.num_prompts} prompts ...")
     metric = ShardedDiscrepancy(call(model), cal, projection, select)  # under torchrun: chunks sharded
     info = {"metric": "Skrr T2I discrepancy (MSE over read tokens + null-prompt MSE)", "reads": reads,
-            "prompts": str(args.prompts), "num_prompts": cal.num_prompts, "read": cal.read}
-    return model, (lambda m: metric.evaluate(call(m))), info
+            "prompts": str(args.prompts), "num_prompts": cal.num_prompts, "read": cal.read, **extra}
+    return model, (lambda m: metric.evaluate(call(m))), info, calibrate
 
 
 def cmd_sweep(args) -> int:
@@ -326,6 +338,7 @@ def _sweep(args, group) -> int:
         raise CLIError(f"unknown criterion {bad}; choose from {', '.join(CRITERIA)}")
     _say(f"loading {name} ...")
     model = load_source_component(path, name, dtype=_dtype(args)) if pipeline else None
+    calibrate = None
     if model is not None and is_denoiser(model):
         timesteps = [float(t) for t in args.timesteps.split(",")]
         inputs = denoiser_inputs(model, batch=args.batch, timesteps=timesteps, sample_size=args.latent_size)
@@ -333,11 +346,14 @@ def _sweep(args, group) -> int:
         info = {"metric": "noise-prediction MSE on fixed latents (seeded noise conditioning)",
                 "timesteps": args.timesteps, "batch": args.batch, "latent_size": args.latent_size}
     else:
-        model, evaluate, info = _text_metric(args, path, name, pipeline)
+        model, evaluate, info, calibrate = _text_metric(args, path, name, pipeline)
     info = {"model": str(args.model), "component": name, "class": type(model).__name__, **info}
     results = []
     for criterion in criteria:
-        calibration = _wanda_calibration(args, path, name, model) if criterion == "wanda" else None
+        calibration = None
+        if criterion == "wanda":
+            calibration = (_wanda_calibration(args, path, name, model) if calibrate is None
+                           else calibrate(_calibration_prompts(args)))
         result = sweep(model, sparsities, evaluate, criterion=criterion, include_conv=args.include_conv,
                        exclude=args.exclude, wanda_group=args.wanda_group, calibration=calibration,
                        component=name, progress=_say, jump_factor=args.jump_factor)

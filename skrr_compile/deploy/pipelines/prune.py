@@ -103,6 +103,50 @@ def search_arguments(pipe, spec: EncoderSpec) -> dict:
     return kwargs
 
 
+@dataclass
+class SpecScoring:
+    """What `skrr_compile.search` scores for one encoder spec, for metrics that must measure the same thing.
+
+    `model`: the text model the search traces and prunes (`spec.encoder(pipe)`: the text model inside an LLM
+    component, not its LM head or vision tower); `calibration`: the prompts tokenized as the search tokenizes
+    them (the pipeline's tokenizer, mask and special tokens, the spec's template, dropped tokens, padding and
+    length); `projection` and `select` as the search builds them (`hidden_layer` -> its selector).
+    `call(m)` calls an encoder as the pipeline does (asking for hidden states when they are read).
+    """
+
+    model: nn.Module
+    calibration: object
+    projection: object
+    select: object
+    hidden_states: bool
+
+    def call(self, module):
+        if not self.hidden_states:
+            return module
+
+        def fn(input_ids, attention_mask=None):
+            return module(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+
+        return fn
+
+
+def spec_scoring(pipe, spec: EncoderSpec, prompts, *, chunk_size: int = 16, read: str | None = None) -> SpecScoring:
+    """The search's inputs for `spec` (`search_arguments`, tokenized and selected as `skrr_compile.search`
+    does), so that a metric scores exactly what the pipeline's denoiser reads. `read` overrides the spec's."""
+    from skrr_compile.blocksearch.run import prepare_calibration
+    from skrr_compile.blocksearch.selectors import output_selector
+
+    kw = search_arguments(pipe, spec)
+    select = output_selector(kw["hidden_layer"]) if "hidden_layer" in kw else kw["select"]
+    calibration = prepare_calibration(
+        spec.calibration_tokenizer(pipe), prompts, max_length=kw["max_length"], padding=kw["padding"],
+        chunk_size=chunk_size, read=read or kw["read"], template=kw.get("template"),
+        drop_tokens=kw.get("drop_tokens", 0),
+    )
+    hidden = spec.hidden_states or bool(getattr(select, "needs_hidden_states", False))
+    return SpecScoring(spec.encoder(pipe), calibration, kw["projection"], select, hidden)
+
+
 def prune_pipeline(
     pipe,
     prompts,
