@@ -560,3 +560,29 @@ def test_spec_scoring_measures_the_text_model_the_pipeline_reads(family):
     assert mse_p > 0 and mse_n > 0
     assert report.mse_prompts == pytest.approx(mse_p, rel=1e-4)
     assert report.mse_null == pytest.approx(mse_n, rel=1e-4)
+
+
+@pytest.mark.skipif(not HAS_SEARCH, reason="skrr_compile.blocksearch is not in this build")
+def test_prune_pipeline_cli_encoders_default_is_the_familys(tmp_path, capsys):
+    """`prune-pipeline` without --encoders prunes the family's default (HiDream: T5 and Llama, not the CLIPs);
+    `--encoders all` prunes every text encoder (before: the flag defaulted to "all" but meant the default)."""
+    from skrr_compile.cli.main import main
+
+    make_hidream().save_pretrained(tmp_path / "pipe")
+    (tmp_path / "p.txt").write_text("\n".join(T5_PROMPT_CORPUS[:2]) + "\n")
+    common = ["prune-pipeline", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "p.txt"), "--sparsity", "0.15",
+              "--method", "shortgpt", "--max-sequence-length", str(T5_MAX_SEQUENCE), "--quiet"]
+    pruned = {}
+    for label, extra in (("default", []), ("all", ["--encoders", "all"]), ("named", ["--encoders", "text_encoder_2"])):
+        assert main([*common, *extra, "--out", str(tmp_path / label)]) == 0
+        loaded = skrr.load_pipeline(tmp_path / label)
+        pruned[label] = sorted(n for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
+                               if isinstance(getattr(loaded, n), PrunedTextEncoder))
+        printed = capsys.readouterr().out
+        assert sorted(line.split(":")[0] for line in printed.splitlines() if " params kept " in line) == pruned[label]
+    assert pruned == {"default": ["text_encoder_3", "text_encoder_4"],
+                      "all": ["text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"],
+                      "named": ["text_encoder_2"]}
+    with pytest.raises(SystemExit):
+        main(["prune-pipeline", "--help"])
+    assert "default: the family's default" in " ".join(capsys.readouterr().out.split())

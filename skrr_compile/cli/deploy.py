@@ -59,7 +59,9 @@ def register(sub) -> None:
     p.add_argument("--field", default=None, help="the column/field holding the prompt (.jsonl/.tsv/.csv)")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of each encoder's parameters to remove")
-    p.add_argument("--encoders", default="all", help="comma-separated components (e.g. text_encoder_3); default all")
+    p.add_argument("--encoders", default=None,
+                   help="comma-separated components (e.g. text_encoder_3), or 'all' (every text encoder); default: the "
+                        "family's default, every encoder but those it leaves out (HiDream's CLIPs)")
     p.add_argument("--method", default="skrr", help="search method (skrr, skrr-skip, finercut, shortgpt, laco)")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=16)
@@ -172,6 +174,16 @@ def _read_plans(path: str) -> dict:
     return plans
 
 
+def _encoders(value: str | None) -> list[str] | str | None:
+    """--encoders: None (the family's default), "all", or the named components."""
+    if value is None or value.strip() == "all":
+        return None if value is None else "all"
+    names = [e.strip() for e in value.split(",") if e.strip()]
+    if not names:
+        raise CLIError(f"--encoders {value!r} names no component; give e.g. text_encoder,text_encoder_3 or all")
+    return names
+
+
 def cmd_prune_pipeline(args) -> int:
     from skrr_compile.deploy.pipelines.prune import apply_to_pipeline, prune_pipeline
     from skrr_compile.deploy.pipelines.storage import encoder_sizes, save_pipeline
@@ -187,9 +199,9 @@ def cmd_prune_pipeline(args) -> int:
     if plans_arg is not None and not group.is_writer:  # nothing to compute together: rank 0 applies and saves
         return 0
     pipe = _load_pipeline(args)
-    encoders = None if args.encoders == "all" else [e.strip() for e in args.encoders.split(",") if e.strip()]
+    encoders = _encoders(args.encoders)
     if plans_arg is not None:
-        if encoders is not None:
+        if isinstance(encoders, list):
             plans_arg = {k: v for k, v in plans_arg.items() if k in encoders}
         apply_to_pipeline(pipe, plans_arg)
         result = None
