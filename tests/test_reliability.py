@@ -794,3 +794,80 @@ def test_compiled_bert_with_token_type_ids_has_no_graph_break_and_still_checks_t
         compiled(ids, attention_mask=mask, token_type_ids=torch.ones_like(ids))
     with pytest.raises(ValueError, match="non-zero token_type_ids"):
         pruned(ids, attention_mask=mask, token_type_ids=torch.ones_like(ids))
+
+
+# distributed(): only failed collectives are "another rank stopped" -----------------------------------------
+GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:10664: "
+              "Connection reset by peer. This is typically caused by a remote worker hanging")  # measured: rank died
+GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                "3000ms for recv operation to complete")  # measured: rank hung past --dist-timeout
+
+
+def _collective_errors():
+    import torch.distributed as dist
+
+    return [
+        dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error"),
+        dist.DistNetworkError("failed to recv, got 0 bytes"),
+        dist.DistStoreError("Socket Timeout"),
+        RuntimeError(GLOO_RESET),
+        RuntimeError(GLOO_TIMEOUT),
+        TimeoutError("store get timed out"),
+        ConnectionResetError(104, "Connection reset by peer"),
+    ]
+
+
+@pytest.fixture
+def fake_group(monkeypatch):
+    """A process group that is up (rank 1 of it) without torchrun."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_distributed_labels_failed_collectives(fake_group, index):
+    from skrr_compile.cli.main import CLIError, distributed
+
+    error = _collective_errors()[index]
+
+    def run():
+        raise error
+
+    with pytest.raises(CLIError) as info:
+        distributed(run, hint="nothing was written; run it again")
+    message = str(info.value)
+    assert message.startswith("rank 1: another rank stopped or timed out (") and message.endswith(
+        "); nothing was written; run it again")
+    assert str(error).splitlines()[0][:60] in message and info.value.__cause__ is error
+
+
+def test_distributed_keeps_other_errors_as_they_are(fake_group, capsys):
+    """A genuine error of the work under torchrun (a shape error in a forward, a bad input, a CLI error) keeps
+    its own message; before, every RuntimeError was reported as another rank having stopped."""
+    import argparse
+
+    import torch
+
+    from skrr_compile.cli.main import CLIError, _run, distributed
+
+    def shape_error():
+        return torch.nn.Linear(32, 8)(torch.ones(2, 16))
+
+    with pytest.raises(RuntimeError) as info:
+        distributed(shape_error)
+    assert "cannot be multiplied" in str(info.value) and "another rank" not in str(info.value)
+    for error in (ValueError("--sparsity must be in [0, 1), got 1.5"), CLIError("--out 'x' is not empty"),
+                  KeyError("select"), RuntimeError("expected scalar type Float but found Half")):
+        def run(error=error):
+            raise error
+
+        with pytest.raises(type(error)) as info:
+            distributed(run)
+        assert info.value is error
+    # through the CLI's error handling: a ValueError is its own one line, not a dead rank
+    args = argparse.Namespace(command="sweep", func=lambda a: distributed(
+        lambda: (_ for _ in ()).throw(ValueError("component 'unet': bad pattern 3:2"))))
+    assert _run(args) == 2
+    assert capsys.readouterr().err.strip() == "skrr-compile sweep: error: component 'unet': bad pattern 3:2"

@@ -82,15 +82,34 @@ def add_dist_timeout(p) -> None:
 RESUME_HINT = "the last checkpoint in --out resumes with --resume, with any number of ranks"
 
 
+# what torch.distributed's backends say when a collective fails because a peer died or hung: gloo raises a plain
+# RuntimeError naming its transport ("...gloo/transport/tcp/pair.cc:537] Read error ...: Connection reset by peer",
+# "...unbound_buffer.cc:78] Timed out waiting 600000ms for recv operation"); NCCL and the store raise DistError
+_COLLECTIVE_SIGNS = ("gloo", "nccl", "c10d", "processgroup", "watchdog", "timed out", "timeout", "connection reset",
+                     "connection closed", "connection refused", "broken pipe", "socket")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether `e` is a failed collective (a dead, hung or unreachable rank), not an error of the work itself."""
+    import torch.distributed as dist
+
+    if isinstance(e, CLIError):
+        return False
+    if isinstance(e, (dist.DistError, TimeoutError, ConnectionError)):
+        return True
+    return isinstance(e, RuntimeError) and any(sign in str(e).lower() for sign in _COLLECTIVE_SIGNS)
+
+
 def distributed(run, hint: str = RESUME_HINT):
     """Run `run()`; a collective that fails because another rank died or hung becomes a one-line error
-    (`hint`: what the user can do next)."""
+    (`hint`: what the user can do next). Any other error (a shape error in a forward, a bad input) is raised
+    as it is, with its own message, as in one process."""
     import torch.distributed as dist
 
     try:
         return run()
-    except (dist.DistError, RuntimeError) as e:
-        if not dist.is_initialized() or isinstance(e, CLIError):
+    except Exception as e:
+        if not dist.is_initialized() or not is_collective_failure(e):
             raise
         raise CLIError(f"rank {dist.get_rank()}: another rank stopped or timed out "
                        f"({str(e).splitlines()[0][:160]}); {hint}") from e
