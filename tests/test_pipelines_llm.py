@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -568,7 +569,10 @@ def test_prune_pipeline_cli_encoders_default_is_the_familys(tmp_path, capsys):
     `--encoders all` prunes every text encoder (before: the flag defaulted to "all" but meant the default)."""
     from skrr_compile.cli.main import main
 
-    make_hidream().save_pretrained(tmp_path / "pipe")
+    dense = make_hidream()
+    dense.save_pretrained(tmp_path / "pipe")
+    llama = dense.text_encoder_4  # a LlamaForCausalLM: its pruned text model leaves the LM head out
+    head = _unique_params(llama) - _unique_params(llama.model)
     (tmp_path / "p.txt").write_text("\n".join(T5_PROMPT_CORPUS[:2]) + "\n")
     common = ["prune-pipeline", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "p.txt"), "--sparsity", "0.15",
               "--method", "shortgpt", "--max-sequence-length", str(T5_MAX_SEQUENCE), "--quiet"]
@@ -579,10 +583,58 @@ def test_prune_pipeline_cli_encoders_default_is_the_familys(tmp_path, capsys):
         pruned[label] = sorted(n for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
                                if isinstance(getattr(loaded, n), PrunedTextEncoder))
         printed = capsys.readouterr().out
-        assert sorted(line.split(":")[0] for line in printed.splitlines() if " params kept " in line) == pruned[label]
+        lines = {line.split(":")[0]: line for line in printed.splitlines() if " kept (" in line}
+        assert sorted(lines) == pruned[label]
+        if "text_encoder_4" in lines:  # sizes of the text model, and what dropping the LM head saved
+            assert f" of {_unique_params(llama.model):,} params of the LlamaModel kept" in lines["text_encoder_4"]
+            assert (f"the LlamaForCausalLM ({_unique_params(llama):,} params) also held {head:,} params the "
+                    "pipeline never runs") in lines["text_encoder_4"]
     assert pruned == {"default": ["text_encoder_3", "text_encoder_4"],
                       "all": ["text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"],
                       "named": ["text_encoder_2"]}
     with pytest.raises(SystemExit):
         main(["prune-pipeline", "--help"])
     assert "default: the family's default" in " ".join(capsys.readouterr().out.split())
+
+
+def _unique_params(module) -> int:
+    return sum(p.numel() for p in {p.data_ptr(): p for p in module.parameters()}.values())
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "flux2klein"])
+def test_encoder_sizes_compare_the_text_model_with_itself(family, tmp_path):
+    """encoder_sizes counts the text model dense and pruned (before: the dense count was the whole component,
+    vision tower and LM head included, against a pruned text model), and separately what dropping the unused
+    parts saved; the same after save/load and load_into."""
+    from skrr_compile.deploy.pipelines.storage import encoder_sizes
+
+    make, inner, arch, component_class = {
+        "qwenimage": (make_qwenimage, "model.language_model", "Qwen2_5_VLTextModel", "Qwen2_5_VLForConditionalGeneration"),
+        "flux2klein": (make_flux2klein, "model", "Qwen3Model", "Qwen3ForCausalLM"),
+    }[family]
+    pipe = make()
+    component = pipe.text_encoder
+    text = component.get_submodule(inner)
+    whole, dense = _unique_params(component), _unique_params(text)
+    assert whole > dense  # an LM head (and Qwen-Image's vision tower) the pipeline never runs
+    expected_dense = {"params": dense, "dense_params": dense, "sparsity": 0.0, "text_model": arch,
+                      "component": component_class, "component_params": whole, "unused_params": whole - dense,
+                      "pruned": False}
+    assert encoder_sizes(pipe)["text_encoder"] == expected_dense
+    # skip FFN 0 and MHA 1 (pre-LN: each with its norm), MHA 1 re-using MHA 0: both sub-blocks' weights removed
+    plan = skrr.Plan(skip=[1, 2], reuse={2: 0})
+    layers = text.layers
+    removed = sum(_unique_params(m) for m in (layers[0].mlp, layers[0].post_attention_layernorm,
+                                              layers[1].self_attn, layers[1].input_layernorm))
+    skrr.apply_to_pipeline(pipe, {"text_encoder": plan})
+    expected = {"params": dense - removed, "dense_params": dense, "sparsity": pytest.approx(removed / dense),
+                "text_model": arch, "component": component_class, "component_params": whole,
+                "unused_params": whole - dense, "pruned": True}
+    assert encoder_sizes(pipe)["text_encoder"] == expected
+    skrr.save_pipeline(pipe, tmp_path / "pruned")
+    assert encoder_sizes(skrr.load_pipeline(tmp_path / "pruned"))["text_encoder"] == expected
+    summary = json.loads((tmp_path / "pruned" / "skrr_pipeline.json").read_text())["pruned"]["text_encoder"]
+    assert summary["dense_params"] == dense and summary["unused_params"] == whole - dense
+    fresh = make()
+    skrr.load_into(fresh, tmp_path / "pruned")
+    assert encoder_sizes(fresh)["text_encoder"] == expected

@@ -223,10 +223,20 @@ def cmd_prune_pipeline(args) -> int:
     for name, size in encoder_sizes(pipe).items():
         if size["pruned"]:
             module = getattr(pipe, name)
-            print(f"{name}: {size['params']:,} of {size['dense_params']:,} params kept "
-                  f"({100 * size['sparsity']:.2f}% removed), skip={list(module.plan.skip)} reuse={module.plan.reuse}")
+            print(f"{name}: {size['params']:,} of {size['dense_params']:,} params of the {size['text_model']} kept "
+                  f"({100 * size['sparsity']:.2f}% removed), skip={list(module.plan.skip)} reuse={module.plan.reuse}"
+                  + _unused_note(size))
     print(f"saved {out} (load with DiffusionPipeline.from_pretrained after `import skrr_compile`)")
     return 0
+
+
+def _unused_note(size: dict) -> str:
+    """What replacing an LLM component by its text model saved (or would save), besides the pruning."""
+    if not size.get("unused_params"):
+        return ""
+    verb = "dropped" if size["pruned"] else "dropped when pruned"
+    return (f"; the {size['component'] or 'component'} ({size['component_params']:,} params) also held "
+            f"{size['unused_params']:,} params the pipeline never runs (outside the text model): {verb}")
 
 
 def cmd_inspect_pipeline(args) -> int:
@@ -245,8 +255,9 @@ def cmd_inspect_pipeline(args) -> int:
         arch = getattr(module, "architecture", type(module).__name__)
         size = sizes[name]
         state = f"pruned {100 * size['sparsity']:.1f}%" if size["pruned"] else "dense"
-        print(f"  {name} ({arch}, {size['params']:,} params, {state}); tokenizer {es.tokenizer}, "
-              f"{es.padding} to {es.max_length}, {'with' if es.attention_mask else 'no'} attention mask, reads {es.read}")
+        print(f"  {name} ({arch}, text model {size['text_model']} {size['params']:,} params, {state}); tokenizer "
+              f"{es.tokenizer}, {es.padding} to {es.max_length}, {'with' if es.attention_mask else 'no'} attention "
+              f"mask, reads {es.read}" + _unused_note(size))
         for o in es.outputs:
             print(f"    {o.describe()}")
     return 0

@@ -20,6 +20,7 @@ from skrr_compile.deploy.pipelines.prune import (
     apply_to_pipeline,
     prune_pipeline,
     search_arguments,
+    spec_scoring,
 )
 from skrr_compile.deploy.pipelines.specs import (
     EncoderOutput,
@@ -42,6 +43,7 @@ __all__ = [
     "SUPPORTED_PIPELINES",
     "describe_pipeline",
     "search_arguments",
+    "spec_scoring",
     "apply_to_pipeline",
     "prune_pipeline",
     "save_pipeline",

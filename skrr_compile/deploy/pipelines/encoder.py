@@ -6,6 +6,7 @@ import torch
 
 from skrr_compile.core.encoder import PrunedEncoder
 from skrr_compile.core.storage import load as load_pruned
+from skrr_compile.core.storage import read_model_meta
 from skrr_compile.core.storage import save as save_pruned
 from skrr_compile.utils.quiet import drop_log_records
 
@@ -90,7 +91,24 @@ class PrunedTextEncoder(PrunedEncoder):
 
     @classmethod
     def from_pretrained(cls, directory, torch_dtype: torch.dtype | None = None, device=None, **kwargs):
-        return cls.from_pruned(load_pruned(directory, device=device or "cpu", dtype=torch_dtype))
+        pruned = cls.from_pruned(load_pruned(directory, device=device or "cpu", dtype=torch_dtype))
+        meta = read_model_meta(directory)  # the component it replaced, as noted by record_component
+        pruned.info.update({k: meta[k] for k in (COMPONENT_PARAMS, COMPONENT_CLASS) if k in meta})
+        return pruned
+
+
+COMPONENT_PARAMS, COMPONENT_CLASS = "component_params", "component_class"  # PrunedEncoder.info keys, saved with it
+
+
+def record_component(pruned: PrunedEncoder, component) -> PrunedEncoder:
+    """Note in `pruned.info` (saved with it) the size and class of the dense component it replaces in a pipeline:
+    an LLM component (LM head, vision tower) is replaced by its pruned text model (`pipelines.encoder_sizes`)."""
+    from skrr_compile.utils.tensors import param_numel
+
+    if not isinstance(component, PrunedEncoder):
+        pruned.info[COMPONENT_PARAMS] = param_numel(component)
+        pruned.info[COMPONENT_CLASS] = type(component).__name__
+    return pruned
 
 
 def _register_with_diffusers() -> None:

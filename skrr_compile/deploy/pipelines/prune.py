@@ -10,7 +10,7 @@ from torch import nn
 
 from skrr_compile.core.encoder import PrunedEncoder, apply
 from skrr_compile.core.plan import Plan
-from skrr_compile.deploy.pipelines.encoder import PrunedTextEncoder
+from skrr_compile.deploy.pipelines.encoder import PrunedTextEncoder, record_component
 from skrr_compile.deploy.pipelines.specs import EncoderSpec, PipelineSpec, describe_pipeline
 
 
@@ -41,7 +41,7 @@ def apply_to_pipeline(pipe, plans: Mapping[str, Plan | str | Path | dict]):
         encoder = spec.encoders[name].encoder(pipe)
         if isinstance(encoder, PrunedEncoder):
             raise ValueError(f"pipe.{name} is already pruned (plan skip={list(encoder.plan.skip)}); plans apply to dense encoders")
-        pruned[name] = PrunedTextEncoder.from_pruned(apply(encoder, plan))
+        pruned[name] = record_component(PrunedTextEncoder.from_pruned(apply(encoder, plan)), getattr(pipe, name))
     pipe.register_modules(**pruned)
     return pipe
 

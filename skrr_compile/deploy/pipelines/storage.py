@@ -8,7 +8,14 @@ from pathlib import Path
 
 from skrr_compile.core.encoder import PrunedEncoder
 from skrr_compile.core.storage import MODEL_FILE, NotAPrunedModelError, read_model_meta
-from skrr_compile.deploy.pipelines.encoder import SUMMARY_FILE, TEXT_ENCODERS, PrunedTextEncoder
+from skrr_compile.deploy.pipelines.encoder import (
+    COMPONENT_CLASS,
+    COMPONENT_PARAMS,
+    SUMMARY_FILE,
+    TEXT_ENCODERS,
+    PrunedTextEncoder,
+    record_component,
+)
 from skrr_compile.deploy.pipelines.prune import PipelinePlans
 from skrr_compile.deploy.pipelines.specs import describe_pipeline, present_encoders
 from skrr_compile.utils.files import follow_umask
@@ -22,13 +29,11 @@ def save_pipeline(pipe, directory: str | Path, plans: PipelinePlans | None = Non
     directory = Path(directory)
     pipe.save_pretrained(directory, **kwargs)
     pruned = {n: getattr(pipe, n) for n in TEXT_ENCODERS if isinstance(getattr(pipe, n, None), PrunedEncoder)}
+    sizes = encoder_sizes(pipe) if pruned else {}
+    keys = ("params", "dense_params", "sparsity", "text_model", "component", "component_params", "unused_params")
     summary = {
         "pipeline": type(pipe).__name__,
-        "pruned": {
-            n: {"plan": m.plan.to_dict(), "params": m.num_params, "dense_params": m.info.get("dense_params"),
-                "sparsity": m.sparsity}
-            for n, m in pruned.items()
-        },
+        "pruned": {n: {"plan": m.plan.to_dict(), **{k: sizes[n][k] for k in keys}} for n, m in pruned.items()},
     }
     if plans is not None:
         summary["reports"] = plans.reports
@@ -101,21 +106,44 @@ def load_into(pipe, directory: str | Path, components: Sequence[str] | str | Non
         device = next(current.parameters()).device
         dtype = next(p for p in current.parameters() if p.is_floating_point()).dtype
         loaded[name] = PrunedTextEncoder.from_pretrained(src, torch_dtype=dtype, device=device)
+        record_component(loaded[name], getattr(pipe, name))
     pipe.register_modules(**loaded)
     return list(loaded)
 
 
 def encoder_sizes(pipe) -> dict[str, dict]:
-    """Parameters of each text encoder of `pipe`, dense or pruned."""
+    """Parameters of each text encoder of `pipe`, dense or pruned, like with like.
+
+    `params` / `dense_params` / `sparsity` count the text model the pipeline runs (`EncoderSpec.encoder`: the
+    language model inside FLUX.2's, Qwen-Image's, Klein's and HiDream's LLM components), now and dense, so the
+    sparsity is the pruned text model against the dense text model. `component_params` is the whole dense
+    component (LM head, vision tower included; for a pruned encoder as recorded when it replaced the component,
+    None when unknown) and `unused_params` = component_params - dense_params: what dropping the parts the pipeline
+    never runs saves (or, dense, would save) on top of the pruning.
+    """
     from skrr_compile.utils.tensors import param_numel
 
+    specs = describe_pipeline(pipe).encoders
     sizes = {}
     for name in present_encoders(pipe):
         module = getattr(pipe, name)
+        spec = specs.get(name)
         if isinstance(module, PrunedEncoder):
-            sizes[name] = {"params": module.num_params, "dense_params": module.info.get("dense_params"),
-                           "sparsity": module.sparsity, "pruned": True}
+            dense = module.info.get("dense_params")
+            whole = module.info.get(COMPONENT_PARAMS)
+            if whole is None and (spec is None or spec.module is None):
+                whole = dense  # the component was the text model itself
+            size = {"params": module.num_params, "dense_params": dense, "sparsity": module.sparsity,
+                    "text_model": module.architecture, "component": module.info.get(COMPONENT_CLASS),
+                    "component_params": whole, "pruned": True}
         else:
-            sizes[name] = {"params": param_numel(module), "dense_params": param_numel(module), "sparsity": 0.0,
-                           "pruned": False}
+            text_model = spec.encoder(pipe) if spec is not None else module
+            dense = whole = param_numel(text_model)
+            if text_model is not module:
+                whole = param_numel(module)
+            size = {"params": dense, "dense_params": dense, "sparsity": 0.0, "text_model": type(text_model).__name__,
+                    "component": type(module).__name__, "component_params": whole, "pruned": False}
+        size["unused_params"] = None if size["component_params"] is None or dense is None else size["component_params"] - dense
+        sizes[name] = size
     return sizes
+
