@@ -67,9 +67,10 @@ def naive_counts(report: dict, K: int, n_chunks: int, n_prompts: int, steps: int
     for s, h in enumerate(report["depth_history"][:steps], 1):
         per_chunk += h["candidates"] * (K - s)
     if steps is None:
-        depth = len(report["skip"])
+        depth, reused = len(report["skip"]), 0
         for r in report.get("reuse_steps", []):
-            per_chunk += sum(x is not None for x in (r["left"], r["right"])) * (K - depth + 1)
+            per_chunk += sum(x is not None for x in (r["left"], r["right"])) * (K - depth + reused + 1)
+            reused += r["chosen"] is not None
     return per_chunk * n_chunks, per_chunk * (n_prompts + 1)
 
 
