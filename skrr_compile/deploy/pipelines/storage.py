@@ -123,7 +123,10 @@ def encoder_sizes(pipe) -> dict[str, dict]:
     """
     from skrr_compile.utils.tensors import param_numel
 
-    specs = describe_pipeline(pipe).encoders
+    try:
+        specs = describe_pipeline(pipe).encoders
+    except (ValueError, AttributeError):  # e.g. saved without its denoiser: each component counted as a text model
+        specs = {}
     sizes = {}
     for name in present_encoders(pipe):
         module = getattr(pipe, name)
