@@ -81,6 +81,33 @@ def fmt_counter(c: dict) -> str:
             f"{c['recompute_evals']:,} stages recomputed for beams")
 
 
+def sample_naive(model, graph, cal, rep: dict, K: int, n: int, n_chunk: int, t_fast: float) -> None:
+    """Naive candidates (the best beam of step s-1 plus one more sub-block, drawn at random) timed with full
+    forwards; their seconds per sub-block evaluation times the counted evaluations estimate the naive search."""
+    import random
+
+    rng = random.Random(0)
+    hist = rep["depth_history"]
+    t1 = time.perf_counter()
+    scorer = NaiveScorer(model, graph, cal)
+    t_ref = time.perf_counter() - t1
+    seconds, evals = 0.0, 0
+    for i in range(n):
+        s = 1 + (i * len(hist)) // n  # steps spread over the search
+        parent = set(hist[s - 2]["skip"]) if s >= 2 else set()
+        j = rng.choice([b for b in range(K) if b not in parent])
+        before = scorer.block_evals
+        t1 = time.perf_counter()
+        scorer.score(parent | {j})
+        seconds += time.perf_counter() - t1
+        evals += scorer.block_evals - before
+    rate = seconds / evals
+    estimate = t_ref + rate * n_chunk
+    print(f"naive sampled: {n} candidates, {evals:,} sub-block evals in {seconds:.1f} s = {1000 * rate:.2f} ms each; "
+          f"whole naive search = dense reference {t_ref:.1f} s + {n_chunk:,} x that = {estimate:.0f} s")
+    print(f"  -> wall time naive (sampled estimate) / fast (measured): {estimate / t_fast:.2f}x  (goal >= 5x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm", choices=["minilm", "smollm2", "t5-base"])
@@ -93,6 +120,9 @@ def main() -> None:
     ap.add_argument("--method", default="skrr", choices=["skrr", "skrr-skip"])
     ap.add_argument("--naive-steps", type=int, default=None,
                     help="time the naive search over only this many first beam steps (and the fast one's same steps)")
+    ap.add_argument("--naive-sample", type=int, default=0,
+                    help="also time this many naive candidates drawn along the trajectory, and give the naive "
+                         "wall time of the whole search as their time per sub-block evaluation x the counted evaluations")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--ablate", action="store_true", help="also run the fast search with each lever off")
     ap.add_argument("--threads", type=int, default=None)
@@ -141,6 +171,8 @@ def main() -> None:
             print(f"without {name:8s}: {t_off:8.1f} s {co['block_evals']:>9,} sub-block evals "
                   f"({co['prompt_block_evals']:,} per prompt) -> the lever buys {co['prompt_block_evals'] / c['prompt_block_evals']:.2f}x "
                   f"evaluations, {t_off / t_fast:.2f}x wall; identical plan and scores: {same}")
+        if args.naive_sample:
+            sample_naive(model, graph, cal, rep, K, args.naive_sample, n_chunk, t_fast)
         if args.skip_naive:
             continue
         steps = args.naive_steps if args.naive_steps and args.naive_steps < len(hist) else None

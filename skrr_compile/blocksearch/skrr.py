@@ -59,10 +59,6 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
             parent, j = cands[i]
             complete.append((d, specs[i].tie, Beam(specs[i].config, parent.order + (j,), d, ev.shares[i])))
             delta[j] = d - parent.score
-        if progress:
-            best_now = min(complete, key=lambda c: c[:2])
-            print(f"skip step {len(history) + 1}: {len(cands)} candidates, {len(scores)} scored in full, "
-                  f"best D {best_now[0]:.4g} (skip {list(best_now[1])})", flush=True)
         if not complete:
             raise SearchError("no candidate could be scored (every extension would skip all sub-blocks)")
         beams = [c[2] for c in sorted(complete, key=lambda c: c[:2])[:beam]]
@@ -74,6 +70,12 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
         ev.retain([b.config for b in live], [p.config.with_skip(j) for p, j in extensions(beams, K, finished)])
         now = time.perf_counter()
         history[-1].update(seconds=now - t0, elapsed=now - ev.started, counter=ev.runner.counter.to_dict())
+        if progress:
+            c = history[-1]["counter"]
+            print(f"skip step {len(history)}: {len(cands)} candidates, {len(scores)} scored in full, best D "
+                  f"{best.score:.4g} (skip {sorted(best.config.skip)}); {now - t0:.1f} s, {c['block_evals']:,} "
+                  f"sub-block evaluations so far ({c['abandoned']:,} candidates abandoned, {c['memo_starts']:,} "
+                  "chunks started from a shared state)", flush=True)
         ckpt.save(phase="skip", beams=[b.to_dict() for b in beams], history=history,
                   delta={str(k): v for k, v in delta.items()}, counter=ev.runner.counter.to_dict())
     return min(beams, key=lambda b: b.key), history
