@@ -7,9 +7,9 @@ any configuration agreeing with it below k computed: its parent beam's (the clas
 candidate of another beam with the same prefix (same step), or the previous step's candidate that
 differed from it only past k (the next step starts where this one stopped); (2) early abandoning: D is a
 sum over the null prompt and the prompt chunks, so a candidate whose partial sum already exceeds the k-th
-best complete score is dropped (strictly greater: ties are never cut); (3) each candidate scores its chunks
-in the order of its parent's shares of D per token, largest first, so its partial sum passes the bar with
-the least work; promising candidates (last step's costs) first. None changes a value: shares are folded
+best complete score is dropped (strictly greater: ties are never cut); (3) each candidate scores next the chunk with the
+most expected share of D (its parent's) per unit of work (tokens times the stages left to run from the
+deepest state the memo holds for that chunk), so its partial sum passes the bar with the least work; promising candidates (last step's costs) first. None changes a value: shares are folded
 in global chunk order whatever order they were computed in.
 """
 
@@ -131,7 +131,8 @@ class CacheBudget:
 # abandon: stop scoring a candidate once its partial sum exceeds the k-th best complete score;
 # memo: start from any configuration's state that agrees below k (not only the parent's boundary), and
 #       keep the states the next step starts from;
-# order: score each candidate's chunks by its parent's share of D per token, largest first.
+# order: score next each candidate's chunk with the largest parent's share of D per unit of work (tokens x
+#        stages from the deepest state in the memo).
 LEVERS = ("abandon", "memo", "order")
 
 
@@ -168,36 +169,35 @@ class Evaluator:
         self.rounds = max((r == 0) + len(shard(n_total, r, g.world)) for r in range(g.world))
         self.inputs = {-1: calibration.null, **dict(enumerate(calibration.chunks))}
         self.disc = Discrepancy(calibration, projection, select)
-        per_boundary = [0]
-
-        def dense_outputs(chunks):
-            for c in chunks:
-                ctx = runner.prefix(*self.inputs[c])
-                per_boundary[0] += nbytes(ctx["s0"])
-                yield runner.forward(Config(), None, None, ctx=ctx)
-                del ctx
-
-        null_out = next(dense_outputs([-1]))
-        self.disc.set_reference(dense_outputs([c for c in self.chunks if c >= 0]), null_out,
-                                placement=reference, path=reference_path)
+        K = runner.num_blocks
+        device = calibration.null[0].device
+        # a boundary state has the shape of the chunk's s_0 (the residual stream)
+        per_boundary = sum(nbytes(self.context(c)["s0"]) for c in self.chunks)
+        self.budget = CacheBudget(device, cache_bytes, host_cache_bytes)
+        # beams' states take at most half the budget; the other half keeps the states of candidates being
+        # scored (survivors become beams without a second forward; the next step starts from them)
+        fit = (self.budget.limit["device"] + self.budget.limit["host"]) // max(1, 2 * per_boundary * beam)
+        # boundaries 1..K-1 are storable; when not even one fits for every chunk, the chunks that fit keep it
+        # (the smallest stride that stores at most `fit` of them: the budget is used, not left idle)
+        self.stride = (K - 1) // (max(1, fit) + 1) + 1
+        self.per_boundary_bytes = per_boundary
+        self.memo: dict[tuple, torch.Tensor] = {}  # (chunk, k, prefix_keys(config)[k]) -> s_k
+        # the dense reference: its states go into the memo as the dense beam's (the first step starts there)
+        dense_keys = prefix_keys(Config(), K)
+        null_out = self.run_chunk(Config(), -1, keys=dense_keys, share=0.5) if -1 in self.chunks else None
+        if null_out is None:  # ranks > 0 do not score the null prompt; a forward gives its reference shape
+            null_out = runner.forward(Config(), None, None, ctx=self.context(-1))
+        self.disc.set_reference((self.run_chunk(Config(), c, keys=dense_keys, share=0.5) for c in self.chunks if c >= 0),
+                                null_out, placement=reference, path=reference_path)
         del null_out
         if g.world > 1:  # token counts over every rank's chunks (integers: exact in any order)
             counts = g.gather_objects(self.disc.prompt_counts)
             self.disc.prompt_counts = [float(sum(int(c[i]) for c in counts)) for i in range(len(counts[0]))]
-        K = runner.num_blocks
-        device = calibration.null[0].device
-        self.budget = CacheBudget(device, cache_bytes, host_cache_bytes)
-        # beams' states take at most half the budget; the other half keeps the states of candidates being
-        # scored (survivors become beams without a second forward; the next step starts from them)
-        fit = (self.budget.limit["device"] + self.budget.limit["host"]) // max(1, 2 * per_boundary[0] * beam)
-        # boundaries 1..K-1 are storable; when not even one fits for every chunk, the chunks that fit keep it
-        # (the smallest stride that stores at most `fit` of them: the budget is used, not left idle)
-        self.stride = (K - 1) // (max(1, fit) + 1) + 1
-        self.per_boundary_bytes = per_boundary[0]
-        self.memo: dict[tuple, torch.Tensor] = {}  # (chunk, k, prefix_keys(config)[k]) -> s_k
         self.tokens = {c: max(1, self.inputs[c][0].numel()) for c in self.chunks}  # cost of scoring a chunk
         self.shares: dict[int, dict] = {}
-        self.runner.counter.block_evals = 0  # the reference forward is not part of the search's cost
+        # the reference forward is not part of the search's cost (the naive search runs one too)
+        runner.counter.block_evals = runner.counter.prompt_block_evals = runner.counter.chunk_evals = 0
+        runner.counter.prefix_evals = 0
 
     def context(self, c: int) -> dict:
         self.runner.counter.prefix_evals += 1
@@ -253,7 +253,8 @@ class Evaluator:
                 storing = self._put((c, k + 1, keys[k + 1]), h, share)
         return h
 
-    def run_chunk(self, config: Config, c: int, start: int = 0, keys: list[tuple] | None = None):
+    def run_chunk(self, config: Config, c: int, start: int = 0, keys: list[tuple] | None = None,
+                  share: float = 1.0):
         """The output of `config` on chunk c, from the deepest state in the memo; the states it computes at
         stored boundaries go into the memo while the budget allows. Stages before `start` (where `config`
         leaves its parent) count as recomputation."""
@@ -267,7 +268,7 @@ class Evaluator:
         if i0 > start:
             counter.memo_starts += 1
             counter.memo_stages_saved += sum(1 for k in range(start, i0) if config.mode(k) != "skip")
-        self._stages(config, c, keys, ctx, i0, r.num_blocks, start, 1.0, bvals)
+        self._stages(config, c, keys, ctx, i0, r.num_blocks, start, share, bvals)
         counter.chunk_evals += 1
         out = r.suffix(bvals, ctx)
         del ctx, bvals
@@ -315,6 +316,22 @@ class Evaluator:
             return list(self.chunks)
         return sorted(self.chunks, key=lambda c: (-shares.get(self.global_id[c], 0.0) / self.tokens[c], c))
 
+    def next_chunk(self, cand: Candidate, remaining: list[int], keys: list[tuple]) -> int:
+        """The chunk of `remaining` (in share order) to score next: the most expected share of D per unit of
+        work, the work being its tokens times the stages to run from the deepest state the memo holds for it
+        (states other configurations left make some chunks cheap). Without shares, the first."""
+        if not cand.shares or "order" not in self.levers or len(remaining) == 1:
+            return remaining[0]
+        K, limit = self.runner.num_blocks, None if "memo" in self.levers else cand.start
+        running = [k for k in range(K) if cand.config.mode(k) != "skip"]
+
+        def value(c):
+            i0 = self._deepest(c, keys, limit)
+            work = self.tokens[c] * max(1, len(running) - bisect.bisect_left(running, i0))
+            return cand.shares.get(self.global_id[c], 0.0) / work
+
+        return max(remaining, key=value)  # ties: the first in share order
+
     def select(self, cands: Sequence[Candidate], k: int, complete: list[tuple], desc: str = "") -> dict[int, float]:
         """Exact k best of `cands` and `complete`, scoring as few (candidate, chunk) pairs as possible.
 
@@ -345,8 +362,9 @@ class Evaluator:
                 orders[i] = self.chunk_order(cand.shares)
                 keys[i] = prefix_keys(cand.config, r.num_blocks)
             pair = None
-            if progress[i] < len(orders[i]):
-                c = orders[i][progress[i]]
+            if orders[i]:
+                c = self.next_chunk(cand, orders[i], keys[i])
+                orders[i].remove(c)
                 pair = (float(self.global_id[c]), self.chunk_contribution(cand.config, c, cand.start, keys[i]))
             received[i] += self.group.gather_pairs(pair)
             partial[i] = fold(received[i])  # in global chunk order: a lower bound, and at the end D itself

@@ -53,7 +53,10 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
         specs = [Candidate(parent.config.with_skip(j), j, tuple(sorted(parent.config.skip | {j})),
                            (parent.score + delta.get(j, 0.0), j), parent.shares) for parent, j in cands]
         known = [(b.score, tuple(sorted(b.config.skip))) for b in carried]
-        scores = ev.select(specs, beam, known, desc=f"skip step {len(history) + 1}")
+        # when every candidate reaches the target, this step is the last and only its best is returned:
+        # the exact best needs no exact second and third (a tighter bar, the same result)
+        last = all(finished(Beam(spec.config, (), 0.0)) for spec in specs)
+        scores = ev.select(specs, 1 if last else beam, known, desc=f"skip step {len(history) + 1}")
         complete = [(b.score, tuple(sorted(b.config.skip)), b) for b in carried]
         for i, d in scores.items():
             parent, j = cands[i]
@@ -61,13 +64,15 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
             delta[j] = d - parent.score
         if not complete:
             raise SearchError("no candidate could be scored (every extension would skip all sub-blocks)")
-        beams = [c[2] for c in sorted(complete, key=lambda c: c[:2])[:beam]]
+        beams = [c[2] for c in sorted(complete, key=lambda c: c[:2])[:1 if last else beam]]
         best = beams[0]
         history.append({"depth": len(best.order), "candidates": len(cands), "scored": len(scores),
                         "skip": sorted(best.config.skip), "order": list(best.order),
                         "score": best.score, "sparsity": removed_by_skip(graph, best.config.skip, memo) / graph.total_params})
         live = [b for b in beams if not finished(b)]
-        ev.retain([b.config for b in live], [p.config.with_skip(j) for p, j in extensions(beams, K, finished)])
+        # the next step starts from the live beams; after the last one, the re-use phase from the best
+        ev.retain([b.config for b in live] or [min(beams, key=lambda b: b.key).config],
+                  [p.config.with_skip(j) for p, j in extensions(beams, K, finished)])
         now = time.perf_counter()
         history[-1].update(seconds=now - t0, elapsed=now - ev.started, counter=ev.runner.counter.to_dict())
         if progress:
