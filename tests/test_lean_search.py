@@ -141,13 +141,26 @@ def test_a_stage_leaves_no_reference_cycle_behind():
         gc.enable()
 
 
-def test_evaluator_keeps_no_per_chunk_context():
+def test_evaluator_keeps_chunk_contexts_only_within_an_eighth_of_the_cache_budget():
+    """Contexts (embeddings, masks, position bias) are kept when all of them fit in an eighth of the budget;
+    otherwise only token ids are kept per chunk and contexts are recomputed."""
+    import torch.utils._pytree as pytree
+
     model = FAMILIES["t5-gated"].make(seed=2)
-    ev = Evaluator(StagedRunner(skrr.trace(model)), calibration(n_chunks=4), None)
-    held = [v for v in vars(ev).values() if isinstance(v, dict) and len(v) >= 4 and all(isinstance(x, dict) for x in v.values())]
+    runner = StagedRunner(skrr.trace(model))
+    cal = calibration(n_chunks=4)
+    ev = Evaluator(runner, cal, None)
+    assert set(ev._contexts) == {-1, 0, 1, 2, 3}
+    tensors = {id(t): t for ctx in ev._contexts.values() for t in pytree.tree_leaves(list(ctx.values()))
+               if isinstance(t, torch.Tensor)}
+    ctx_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert ev.budget.used["device"] >= ctx_bytes  # counted against the budget
+    lean = Evaluator(runner, cal, None, cache_bytes=8 * ctx_bytes - 1)
+    held = [v for v in vars(lean).values() if isinstance(v, dict) and len(v) >= 4 and all(isinstance(x, dict) for x in v.values())]
     assert not held  # only token ids per chunk: contexts are recomputed
-    assert set(ev.inputs) == {-1, 0, 1, 2, 3}
-    assert all(isinstance(v, tuple) and len(v) == 2 for v in ev.inputs.values())
+    assert set(lean.inputs) == {-1, 0, 1, 2, 3}
+    assert all(isinstance(v, tuple) and len(v) == 2 for v in lean.inputs.values())
+    assert Evaluator(runner, cal, None, cache_bytes=8 * ctx_bytes)._contexts
 
 
 def test_memory_plan_and_measured_peak_are_in_the_report():

@@ -154,3 +154,80 @@ def test_the_skip_phase_inside_a_skrr_result_is_the_skrr_skip_result(t5_case):
     for key in ("sparsity", "removed_params", "discrepancy", "calibration_report", "skip", "order", "reuse"):
         assert derived.report[key] == alone.report[key], key
     assert derived.report["method"] == "skrr-skip" and "reuse_steps" not in derived.report
+
+
+def test_the_dense_reference_pass_leaves_the_dense_beams_states():
+    """The reference forward stores the dense states (the first step starts from them): no stage is run
+    twice for the dense beam, and each stored state is what a fresh forward computes."""
+    model = FAMILIES["t5-gated"].make(seed=12)
+    runner = StagedRunner(skrr.trace(model))
+    ev = Evaluator(runner, calibration(), None)
+    K = runner.num_blocks
+    assert sorted(ev.memo) == sorted((c, k, ()) for c in ev.chunks for k in range(1, K))
+    assert runner.counter.block_evals == runner.counter.token_block_evals == 0  # the reference is not search work
+    for c in ev.chunks:
+        ctx = runner.prefix(*ev.inputs[c])
+        h = ctx["s0"]
+        for k in range(1, K):
+            h = runner.stage(k - 1, h, ctx)
+            assert torch.equal(ev.memo[(c, k, ())], h)
+    ev.warm(Config())
+    assert runner.counter.recompute_evals == 0
+
+
+def test_the_last_step_selects_only_the_best(t5_case, monkeypatch):
+    """When every candidate of a step reaches the target, the search ends there and returns the best: that
+    step selects k = 1 (a tighter bar), and the result is still the naive one."""
+    model, cal, graph, want = t5_case
+    calls = []
+    select = Evaluator.select
+
+    def spy(self, cands, k, complete, desc=""):
+        calls.append((desc, k, len(cands)))
+        return select(self, cands, k, complete, desc)
+
+    monkeypatch.setattr(Evaluator, "select", spy)
+    fast = search(model, None, cal, sparsity=0.35, method="skrr-skip", progress=False, graph=graph)
+    steps = [k for desc, k, _ in calls if desc.startswith("skip step")]
+    assert steps[:-1] == [3] * (len(steps) - 1) and steps[-1] == 1
+    assert set(fast.plan.skip) == want["skip"] and fast.plan.order == want["order"]
+    for a, b in zip(fast.plan.scores, want["history"]):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-12)
+
+
+def test_chunk_contexts_are_kept_when_they_fit_and_recomputed_when_not(t5_case):
+    model, cal, graph, _ = t5_case
+    kept = search(model, None, cal, sparsity=0.35, method="skrr-skip", progress=False, graph=graph)
+    tight = search(model, None, cal, sparsity=0.35, method="skrr-skip", progress=False, graph=graph,
+                   cache_gb=2e-6)  # ~2 KB: no context fits in an eighth of it
+    assert kept.report["counter"]["prefix_evals"] == 0
+    assert tight.report["counter"]["prefix_evals"] >= tight.report["counter"]["chunk_evals"] > 0
+    assert kept.plan.to_dict() == tight.plan.to_dict()
+
+
+def test_chunks_with_a_deeper_memo_state_are_scored_first_at_equal_share():
+    """Work-aware order: at equal parent share per token, the chunk another configuration left a deep state
+    for (fewer stages to run) comes first."""
+    model = FAMILIES["t5-gated"].make(seed=13)
+    runner = StagedRunner(skrr.trace(model))
+    ev = Evaluator(runner, calibration(lengths=(10, 10, 10, 10)), None)
+    K = runner.num_blocks
+    cand = Candidate(Config(frozenset({1})), 1, (1,), (0.0, 1))
+    keys = prefix_keys(cand.config, K)
+    shares = {c: 0.01 * ev.tokens[c] for c in ev.chunks}  # equal per token
+    assert ev.chunk_order(shares, cand, keys) == [-1, 0, 1, 2, 3]  # every chunk starts at s_1 (dense state)
+    ev.run_chunk(Config(frozenset({1, K - 1})), 2, keys=prefix_keys(Config(frozenset({1, K - 1})), K))
+    assert ev.chunk_order(shares, cand, keys) == [2, -1, 0, 1, 3]  # chunk 2 starts at s_{K-1}
+    assert Evaluator(runner, calibration(lengths=(10, 10, 10, 10)), None, levers=["abandon", "memo"]).chunk_order(
+        shares, cand, keys) == [-1, 0, 1, 2, 3]
+
+
+def test_the_counters_weigh_a_stage_by_prompts_and_by_tokens():
+    model = FAMILIES["t5-gated"].make(seed=13)
+    runner = StagedRunner(skrr.trace(model))
+    ev = Evaluator(runner, calibration(lengths=(10, 6)), None)
+    K = runner.num_blocks
+    config = Config(frozenset({0}))  # from s_0: stage 0 skipped, K - 1 stages run on 3 prompts of 6 tokens
+    ev.run_chunk(config, 1, start=0)
+    c = runner.counter
+    assert (c.block_evals, c.prompt_block_evals, c.token_block_evals) == (K - 1, 3 * (K - 1), 3 * 6 * (K - 1))

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
 from skrr_compile.blocksearch.calibration import Calibration
 from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
@@ -169,11 +170,16 @@ class Evaluator:
         self.rounds = max((r == 0) + len(shard(n_total, r, g.world)) for r in range(g.world))
         self.inputs = {-1: calibration.null, **dict(enumerate(calibration.chunks))}
         self.disc = Discrepancy(calibration, projection, select)
+        self.tokens = {c: max(1, self.inputs[c][0].numel()) for c in self.chunks}  # cost of scoring a chunk
         K = runner.num_blocks
         device = calibration.null[0].device
-        # a boundary state has the shape of the chunk's s_0 (the residual stream)
-        per_boundary = sum(nbytes(self.context(c)["s0"]) for c in self.chunks)
         self.budget = CacheBudget(device, cache_bytes, host_cache_bytes)
+        self._contexts: dict[int, dict] = {}
+        contexts = {c: self.context(c) for c in self.chunks}
+        # a boundary state has the shape of the chunk's s_0 (the residual stream)
+        per_boundary = sum(nbytes(ctx["s0"]) for ctx in contexts.values())
+        self.keep_contexts(contexts)
+        del contexts
         # beams' states take at most half the budget; the other half keeps the states of candidates being
         # scored (survivors become beams without a second forward; the next step starts from them)
         fit = (self.budget.limit["device"] + self.budget.limit["host"]) // max(1, 2 * per_boundary * beam)
@@ -193,15 +199,30 @@ class Evaluator:
         if g.world > 1:  # token counts over every rank's chunks (integers: exact in any order)
             counts = g.gather_objects(self.disc.prompt_counts)
             self.disc.prompt_counts = [float(sum(int(c[i]) for c in counts)) for i in range(len(counts[0]))]
-        self.tokens = {c: max(1, self.inputs[c][0].numel()) for c in self.chunks}  # cost of scoring a chunk
         self.shares: dict[int, dict] = {}
         # the reference forward is not part of the search's cost (the naive search runs one too)
-        runner.counter.block_evals = runner.counter.prompt_block_evals = runner.counter.chunk_evals = 0
-        runner.counter.prefix_evals = 0
+        for name in ("block_evals", "prompt_block_evals", "token_block_evals", "chunk_evals", "prefix_evals"):
+            setattr(runner.counter, name, 0)
 
     def context(self, c: int) -> dict:
-        self.runner.counter.prefix_evals += 1
-        return self.runner.prefix(*self.inputs[c])
+        """Chunk c's prefix values (embeddings, masks, position bias): kept ones, else recomputed."""
+        ctx = self._contexts.get(c)
+        if ctx is None:
+            self.runner.counter.prefix_evals += 1
+            ctx = self.runner.prefix(*self.inputs[c])
+        return ctx
+
+    def keep_contexts(self, contexts: dict[int, dict], share: float = 0.125) -> None:
+        """Keep the chunks' contexts when all of them fit in `share` of the device budget (the naive search
+        recomputes a chunk's context for every candidate; a lean search of a large set recomputes it too)."""
+        tensors = {id(t): t for ctx in contexts.values() for t in pytree.tree_leaves(list(ctx.values()))
+                   if isinstance(t, torch.Tensor)}
+        if sum(map(nbytes, tensors.values())) > self.budget.limit["device"] * share:
+            return
+        for t in tensors.values():
+            self.budget.used["device"] += nbytes(t)
+        self.budget.peak["device"] = max(self.budget.peak["device"], self.budget.used["device"])
+        self._contexts = dict(contexts)
 
     def stored(self, k: int) -> bool:
         if not 0 < k < self.runner.num_blocks:
@@ -245,6 +266,7 @@ class Evaluator:
             h = r.stage(k, h, ctx, config.mode(k))
             ran = counter.block_evals - before
             counter.prompt_block_evals += ran * rows
+            counter.token_block_evals += ran * self.tokens[c]
             if k < start:
                 counter.recompute_evals += ran
             if bvals is not None and k + 1 in r.suffix_boundaries:
@@ -310,27 +332,21 @@ class Evaluator:
             self._drop(key)
 
     # selection ---------------------------------------------------------------------------------------
-    def chunk_order(self, shares: dict | None) -> list[int]:
-        """This rank's chunks, largest share of D per token first (the null prompt first without shares)."""
+    def chunk_order(self, shares: dict | None, cand: Candidate | None = None, keys: list[tuple] | None = None) -> list[int]:
+        """This rank's chunks, the most expected share of D (the parent's) per unit of work first; the work
+        is the chunk's tokens, times (for `cand`) the stages it runs from the deepest state the memo holds
+        for that chunk (states other configurations left make some chunks cheap). Without shares: the null
+        prompt first, then chunk order."""
         if not shares or "order" not in self.levers:
             return list(self.chunks)
-        return sorted(self.chunks, key=lambda c: (-shares.get(self.global_id[c], 0.0) / self.tokens[c], c))
-
-    def next_chunk(self, cand: Candidate, remaining: list[int], keys: list[tuple]) -> int:
-        """The chunk of `remaining` (in share order) to score next: the most expected share of D per unit of
-        work, the work being its tokens times the stages to run from the deepest state the memo holds for it
-        (states other configurations left make some chunks cheap). Without shares, the first."""
-        if not cand.shares or "order" not in self.levers or len(remaining) == 1:
-            return remaining[0]
-        K, limit = self.runner.num_blocks, None if "memo" in self.levers else cand.start
-        running = [k for k in range(K) if cand.config.mode(k) != "skip"]
-
-        def value(c):
-            i0 = self._deepest(c, keys, limit)
-            work = self.tokens[c] * max(1, len(running) - bisect.bisect_left(running, i0))
-            return cand.shares.get(self.global_id[c], 0.0) / work
-
-        return max(remaining, key=value)  # ties: the first in share order
+        stages = dict.fromkeys(self.chunks, 1)
+        if cand is not None:
+            K, limit = self.runner.num_blocks, None if "memo" in self.levers else cand.start
+            running = [k for k in range(K) if cand.config.mode(k) != "skip"]
+            for c in self.chunks:
+                i0 = self._deepest(c, keys or prefix_keys(cand.config, K), limit)
+                stages[c] = max(1, len(running) - bisect.bisect_left(running, i0))
+        return sorted(self.chunks, key=lambda c: (-shares.get(self.global_id[c], 0.0) / (self.tokens[c] * stages[c]), c))
 
     def select(self, cands: Sequence[Candidate], k: int, complete: list[tuple], desc: str = "") -> dict[int, float]:
         """Exact k best of `cands` and `complete`, scoring as few (candidate, chunk) pairs as possible.
@@ -359,12 +375,11 @@ class Evaluator:
                 break
             cand = cands[i]
             if i not in orders:
-                orders[i] = self.chunk_order(cand.shares)
                 keys[i] = prefix_keys(cand.config, r.num_blocks)
+                orders[i] = self.chunk_order(cand.shares, cand, keys[i])
             pair = None
-            if orders[i]:
-                c = self.next_chunk(cand, orders[i], keys[i])
-                orders[i].remove(c)
+            if progress[i] < len(orders[i]):
+                c = orders[i][progress[i]]
                 pair = (float(self.global_id[c]), self.chunk_contribution(cand.config, c, cand.start, keys[i]))
             received[i] += self.group.gather_pairs(pair)
             partial[i] = fold(received[i])  # in global chunk order: a lower bound, and at the end D itself

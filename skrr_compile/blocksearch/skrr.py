@@ -55,7 +55,9 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
         known = [(b.score, tuple(sorted(b.config.skip))) for b in carried]
         # when every candidate reaches the target, this step is the last and only its best is returned:
         # the exact best needs no exact second and third (a tighter bar, the same result)
-        last = all(finished(Beam(spec.config, (), 0.0)) for spec in specs)
+        # (counting parameters is a graph walk: the candidates least likely to reach it are tried first)
+        likely = sorted(cands, key=lambda pj: removed_by_skip(graph, pj[0].config.skip, memo) + graph.blocks[pj[1]].num_params)
+        last = all(finished(Beam(parent.config.with_skip(j), (), 0.0)) for parent, j in likely)
         scores = ev.select(specs, 1 if last else beam, known, desc=f"skip step {len(history) + 1}")
         complete = [(b.score, tuple(sorted(b.config.skip)), b) for b in carried]
         for i, d in scores.items():
