@@ -7,10 +7,11 @@ any configuration agreeing with it below k computed: its parent beam's (the clas
 candidate of another beam with the same prefix (same step), or the previous step's candidate that
 differed from it only past k (the next step starts where this one stopped); (2) early abandoning: D is a
 sum over the null prompt and the prompt chunks, so a candidate whose partial sum already exceeds the k-th
-best complete score is dropped (strictly greater: ties are never cut); (3) each candidate scores next the chunk with the
-most expected share of D (its parent's) per unit of work (tokens times the stages left to run from the
-deepest state the memo holds for that chunk), so its partial sum passes the bar with the least work; promising candidates (last step's costs) first. None changes a value: shares are folded
-in global chunk order whatever order they were computed in.
+best complete score is dropped (strictly greater: ties are never cut); (3) each candidate scores first
+the chunks with the most expected share of D (its parent's) per unit of work (tokens times the stages to
+run from the deepest state the memo holds for that chunk), so its partial sum passes the bar with the least
+work; promising candidates (last step's costs) first. None changes a value: shares are folded in global
+chunk order whatever order they were computed in.
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ class CacheBudget:
                 return held
         return None
 
+    def reserve(self, size: int, share: float) -> bool:
+        """Count `size` bytes held elsewhere (never released) on the device tier if they fit in `share`."""
+        if self.used["device"] + size > self.limit["device"] * share:
+            return False
+        self.used["device"] += size
+        self.peak["device"] = max(self.peak["device"], self.used["device"])
+        return True
+
     def release(self, t: torch.Tensor) -> None:
         entry = self._held.get(id(t))
         if entry is None or entry[0] is not t:
@@ -175,11 +184,7 @@ class Evaluator:
         device = calibration.null[0].device
         self.budget = CacheBudget(device, cache_bytes, host_cache_bytes)
         self._contexts: dict[int, dict] = {}
-        contexts = {c: self.context(c) for c in self.chunks}
-        # a boundary state has the shape of the chunk's s_0 (the residual stream)
-        per_boundary = sum(nbytes(ctx["s0"]) for ctx in contexts.values())
-        self.keep_contexts(contexts)
-        del contexts
+        per_boundary = self.keep_contexts()
         # beams' states take at most half the budget; the other half keeps the states of candidates being
         # scored (survivors become beams without a second forward; the next step starts from them)
         fit = (self.budget.limit["device"] + self.budget.limit["host"]) // max(1, 2 * per_boundary * beam)
@@ -212,17 +217,29 @@ class Evaluator:
             ctx = self.runner.prefix(*self.inputs[c])
         return ctx
 
-    def keep_contexts(self, contexts: dict[int, dict], share: float = 0.125) -> None:
+    def keep_contexts(self, share: float = 0.125) -> int:
         """Keep the chunks' contexts when all of them fit in `share` of the device budget (the naive search
-        recomputes a chunk's context for every candidate; a lean search of a large set recomputes it too)."""
-        tensors = {id(t): t for ctx in contexts.values() for t in pytree.tree_leaves(list(ctx.values()))
-                   if isinstance(t, torch.Tensor)}
-        if sum(map(nbytes, tensors.values())) > self.budget.limit["device"] * share:
-            return
-        for t in tensors.values():
-            self.budget.used["device"] += nbytes(t)
-        self.budget.peak["device"] = max(self.budget.peak["device"], self.budget.used["device"])
-        self._contexts = dict(contexts)
+        recomputes a chunk's context for every candidate); chunks are visited one at a time, so a large set
+        never holds more than that share. Returns the bytes of one boundary state over all chunks (a state
+        has the shape of the chunk's s_0, the residual stream)."""
+        per_boundary, held, seen, size = 0, {}, set(), 0
+        fits = True
+        for c in self.chunks:
+            ctx = self.context(c)
+            per_boundary += nbytes(ctx["s0"])
+            if fits:
+                for t in pytree.tree_leaves(list(ctx.values())):
+                    if isinstance(t, torch.Tensor) and id(t) not in seen:
+                        seen.add(id(t))
+                        size += nbytes(t)
+                held[c] = ctx
+                fits = size <= self.budget.limit["device"] * share
+                if not fits:
+                    held.clear()
+            del ctx
+        if fits and self.budget.reserve(size, share):
+            self._contexts = held
+        return per_boundary
 
     def stored(self, k: int) -> bool:
         if not 0 < k < self.runner.num_blocks:
@@ -343,8 +360,9 @@ class Evaluator:
         if cand is not None:
             K, limit = self.runner.num_blocks, None if "memo" in self.levers else cand.start
             running = [k for k in range(K) if cand.config.mode(k) != "skip"]
+            keys = keys or prefix_keys(cand.config, K)
             for c in self.chunks:
-                i0 = self._deepest(c, keys or prefix_keys(cand.config, K), limit)
+                i0 = self._deepest(c, keys, limit)
                 stages[c] = max(1, len(running) - bisect.bisect_left(running, i0))
         return sorted(self.chunks, key=lambda c: (-shares.get(self.global_id[c], 0.0) / (self.tokens[c] * stages[c]), c))
 

@@ -34,7 +34,8 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
               progress: bool = True) -> tuple[Beam, list[dict]]:
     K = len(graph.blocks)
     memo: dict = {}
-    finished = lambda b: removed_by_skip(graph, b.config.skip, memo) >= target  # noqa: E731
+    reaches = lambda skip: removed_by_skip(graph, skip, memo) >= target  # noqa: E731
+    finished = lambda b: reaches(b.config.skip)  # noqa: E731
     st = ckpt.state
     if st.get("beams"):
         beams = [Beam.from_dict(d) for d in st["beams"]]
@@ -57,7 +58,7 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
         # the exact best needs no exact second and third (a tighter bar, the same result)
         # (counting parameters is a graph walk: the candidates least likely to reach it are tried first)
         likely = sorted(cands, key=lambda pj: removed_by_skip(graph, pj[0].config.skip, memo) + graph.blocks[pj[1]].num_params)
-        last = all(finished(Beam(parent.config.with_skip(j), (), 0.0)) for parent, j in likely)
+        last = all(reaches(parent.config.skip | {j}) for parent, j in likely)
         scores = ev.select(specs, 1 if last else beam, known, desc=f"skip step {len(history) + 1}")
         complete = [(b.score, tuple(sorted(b.config.skip)), b) for b in carried]
         for i, d in scores.items():
@@ -73,7 +74,7 @@ def beam_skip(graph: EncoderGraph, ev: Evaluator, target: int, beam: int, ckpt: 
                         "score": best.score, "sparsity": removed_by_skip(graph, best.config.skip, memo) / graph.total_params})
         live = [b for b in beams if not finished(b)]
         # the next step starts from the live beams; after the last one, the re-use phase from the best
-        ev.retain([b.config for b in live] or [min(beams, key=lambda b: b.key).config],
+        ev.retain([b.config for b in live] or [best.config],
                   [p.config.with_skip(j) for p, j in extensions(beams, K, finished)])
         now = time.perf_counter()
         history[-1].update(seconds=now - t0, elapsed=now - ev.started, counter=ev.runner.counter.to_dict())
