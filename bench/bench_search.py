@@ -60,6 +60,27 @@ def load(name: str):
     return model.eval(), load_tokenizer(path), what[name]
 
 
+def add_setup_args(ap: argparse.ArgumentParser, chunk_size: int) -> None:
+    """The model, prompts, calibration and search flags every search benchmark takes."""
+    ap.add_argument("--model", default="minilm", choices=["minilm", "smollm2", "t5-base"])
+    ap.add_argument("--prompts", default="iiw", choices=sorted(SOURCES))
+    ap.add_argument("--n", type=int, default=32, help="calibration prompts")
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, default=chunk_size)
+    ap.add_argument("--sparsity", default="0.3,0.4")
+    ap.add_argument("--beam", type=int, default=3)
+    ap.add_argument("--method", default="skrr", choices=["skrr", "skrr-skip"])
+    ap.add_argument("--threads", type=int, default=None)
+
+
+def calibration(args, tok, chunk_size: int | None = None):
+    """The first --n prompts of --prompts, tokenized as the benchmark's model reads them."""
+    source, field = SOURCES[args.prompts]
+    prompts = read_prompts(source, field=field, limit=args.n)
+    return tokenize(tok, prompts, max_length=args.max_length, chunk_size=chunk_size or args.chunk_size,
+                    template=TEMPLATES.get(args.model))
+
+
 def naive_counts(report: dict, K: int, n_chunks: int, n_prompts: int, n_tokens: int,
                  steps: int | None = None) -> tuple[int, int, int]:
     """The naive search's sub-block evaluations (per chunk, per prompt, per token) over the fast search's trajectory: a
@@ -112,18 +133,11 @@ def sample_naive(model, graph, cal, rep: dict, K: int, n: int, n_chunk: int, t_f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="minilm", choices=["minilm", "smollm2", "t5-base"])
-    ap.add_argument("--prompts", default="iiw", choices=sorted(SOURCES))
-    ap.add_argument("--n", type=int, default=32, help="calibration prompts")
-    ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--chunk-size", type=int, default=8)
+    add_setup_args(ap, chunk_size=8)
     ap.add_argument("--naive-chunk-size", default=None,
                     help="prompts per forward of the naive search, or a comma list (one naive run each; default: "
                          "--chunk-size); larger chunks make its forwards cheaper per prompt on CPU, so a fair "
                          "wall-time baseline uses its best")
-    ap.add_argument("--sparsity", default="0.3,0.4")
-    ap.add_argument("--beam", type=int, default=3)
-    ap.add_argument("--method", default="skrr", choices=["skrr", "skrr-skip"])
     ap.add_argument("--naive-steps", type=int, default=None,
                     help="time the naive search over only this many first beam steps (and the fast one's same steps)")
     ap.add_argument("--naive-sample", type=int, default=0,
@@ -131,19 +145,14 @@ def main() -> None:
                          "wall time of the whole search as their time per sub-block evaluation x the counted evaluations")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--ablate", action="store_true", help="also run the fast search with each lever off")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, tok, what = load(args.model)
-    source, field = SOURCES[args.prompts]
-    prompts = read_prompts(source, field=field, limit=args.n)
-    cal = tokenize(tok, prompts, max_length=args.max_length, chunk_size=args.chunk_size,
-                   template=TEMPLATES.get(args.model))
+    cal = calibration(args, tok)
     naive_chunks = [int(x) for x in str(args.naive_chunk_size or args.chunk_size).split(",")]
-    cal_naive = {n: cal if n == args.chunk_size else tokenize(
-        tok, prompts, max_length=args.max_length, chunk_size=n, template=TEMPLATES.get(args.model)) for n in naive_chunks}
+    cal_naive = {n: cal if n == args.chunk_size else calibration(args, tok, n) for n in naive_chunks}
     n_tokens = sum(int(m.sum()) for _, m in cal.chunks)
     all_tokens = sum(ids.numel() for ids, _ in [*cal.chunks, cal.null])  # padded: the work of a stage
     graph = skrr.trace(model)
