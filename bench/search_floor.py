@@ -23,7 +23,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,64 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from bench_search import add_setup_args, calibration, load, naive_counts  # noqa: E402
+from bench_search import add_setup_args, calibration, load, naive_counts  # noqa: E402  (puts tests/ on the path)
+from search_reference import oracle_search  # noqa: E402
 
 import skrr_compile as skrr  # noqa: E402
-from skrr_compile.blocksearch.checkpoint import Checkpoint  # noqa: E402
-from skrr_compile.blocksearch.distributed import fold  # noqa: E402
-from skrr_compile.blocksearch.evaluator import Candidate, Evaluator, prefix_keys  # noqa: E402
 from skrr_compile.blocksearch.run import search  # noqa: E402
-from skrr_compile.blocksearch.runner import StagedRunner  # noqa: E402
-from skrr_compile.blocksearch.skrr import beam_skip, reuse_phase  # noqa: E402
-from skrr_compile.blocksearch.target import check_sparsity  # noqa: E402
-
-
-class OracleEvaluator(Evaluator):
-    """`select` with a perfect bar and each candidate's own shares as its chunk order."""
-
-    def __init__(self, truth: Evaluator, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.truth = truth
-
-    def select(self, cands: Sequence[Candidate], k: int, complete: list[tuple], desc: str = "") -> dict[int, float]:
-        true = self.truth.select(cands, k, complete)  # every candidate in full: the truth has no abandoning
-        true_shares = self.truth.shares
-        bar = sorted([(d, cands[i].tie) for i, d in true.items()] + list(complete))[k - 1][0]
-        counter = self.runner.counter
-        counter.candidates += len(cands)
-        done, self.shares = {}, {}
-        # the candidates within the bar first (their states are the memo's deepest), then the others
-        for i in sorted(range(len(cands)), key=lambda i: (true[i] > bar, cands[i].priority)):
-            cand = cands[i]
-            keys = prefix_keys(cand.config, self.runner.num_blocks)
-            order = self.chunk_order(true_shares[i], cand, keys)
-            pairs = []
-            for c in order:
-                pairs.append((self.global_id[c], self.chunk_contribution(cand.config, c, cand.start, keys)))
-                if fold(pairs) > bar:
-                    break
-            if len(pairs) == len(order):
-                done[i], self.shares[i] = fold(pairs), dict(pairs)
-                assert done[i] == true[i], "the oracle's score differs from the truth's"
-            else:
-                counter.abandoned += 1
-        return done
-
-    def retain(self, beams, upcoming=()) -> None:
-        super().retain(beams, upcoming)
-        self.truth.retain(beams, upcoming)  # the truth's memo follows the search's (it would outgrow the budget)
-
-
-def oracle_search(model, graph, cal, sparsity: float, beam: int, method: str):
-    """The Skrr search (skip phase, then re-use) driven by the oracle; returns (best config, its counter)."""
-    levers = ("memo", "order")  # the truth: every candidate in full (no abandoning), its own runner
-    truth = Evaluator(StagedRunner(graph), cal, levers=levers)
-    ev = OracleEvaluator(truth, StagedRunner(graph), cal)
-    ckpt = Checkpoint(None, "oracle", False)
-    best, history = beam_skip(graph, ev, check_sparsity(graph, sparsity), beam, ckpt, progress=False)
-    if method == "skrr":
-        best, _ = reuse_phase(graph, ev, best, ckpt, progress=False)
-    return best, ev.runner.counter, len(history)
 
 
 def main() -> None:
@@ -113,7 +59,7 @@ def main() -> None:
         fast = search(model, None, cal, sparsity=sparsity, beam=args.beam, method=args.method, progress=False,
                       graph=graph)
         t1 = time.perf_counter()
-        best, oc, steps = oracle_search(model, graph, cal, sparsity, args.beam, args.method)
+        best, oc, steps = oracle_search(graph, cal, sparsity, args.beam, args.method)
         t2 = time.perf_counter()
         rep, c = fast.report, fast.report["counter"]
         same = set(best.config.skip) == set(fast.plan.skip) and best.config.reuse_map == fast.plan.reuse

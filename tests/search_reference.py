@@ -6,9 +6,16 @@ Written from the definition in the issue, not from the fast implementation; the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import skrr_compile as skrr
+from skrr_compile.blocksearch.checkpoint import Checkpoint
 from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
+from skrr_compile.blocksearch.distributed import fold
+from skrr_compile.blocksearch.evaluator import Candidate, Evaluator, prefix_keys
+from skrr_compile.blocksearch.runner import StagedRunner
+from skrr_compile.blocksearch.skrr import beam_skip, reuse_phase
+from skrr_compile.blocksearch.target import check_sparsity
 from skrr_compile.utils.tensors import param_numel
 
 
@@ -118,3 +125,52 @@ def naive_reuse_phase(scorer: NaiveScorer, skip, order, score):
                 reuse[i] = j
                 current = best_score
     return reuse, current
+
+
+# --- the exact floor: the fast search driven by an oracle (bench/search_floor.py says what it shows) --------
+class OracleEvaluator(Evaluator):
+    """`select` with a perfect bar and each candidate's own shares as its chunk order."""
+
+    def __init__(self, truth: Evaluator, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.truth = truth
+
+    def select(self, cands: Sequence[Candidate], k: int, complete: list[tuple], desc: str = "") -> dict[int, float]:
+        true = self.truth.select(cands, k, complete)  # every candidate in full: the truth has no abandoning
+        true_shares = self.truth.shares
+        bar = sorted([(d, cands[i].tie) for i, d in true.items()] + list(complete))[k - 1][0]
+        counter = self.runner.counter
+        counter.candidates += len(cands)
+        done, self.shares = {}, {}
+        # the candidates within the bar first (their states are the memo's deepest), then the others
+        for i in sorted(range(len(cands)), key=lambda i: (true[i] > bar, cands[i].priority)):
+            cand = cands[i]
+            keys = prefix_keys(cand.config, self.runner.num_blocks)
+            order = self.chunk_order(true_shares[i], cand, keys)
+            pairs = []
+            for c in order:
+                pairs.append((self.global_id[c], self.chunk_contribution(cand.config, c, cand.start, keys)))
+                if fold(pairs) > bar:
+                    break
+            if len(pairs) == len(order):
+                done[i], self.shares[i] = fold(pairs), dict(pairs)
+                assert done[i] == true[i], "the oracle's score differs from the truth's"
+            else:
+                counter.abandoned += 1
+        return done
+
+    def retain(self, beams, upcoming=()) -> None:
+        super().retain(beams, upcoming)
+        self.truth.retain(beams, upcoming)  # the truth's memo follows the search's (it would outgrow the budget)
+
+
+def oracle_search(graph, cal, sparsity: float, beam: int = 3, method: str = "skrr"):
+    """The Skrr search (skip phase, then re-use) driven by the oracle; returns (best config, its counter)."""
+    levers = ("memo", "order")  # the truth: every candidate in full (no abandoning), its own runner
+    truth = Evaluator(StagedRunner(graph), cal, levers=levers)
+    ev = OracleEvaluator(truth, StagedRunner(graph), cal)
+    ckpt = Checkpoint(None, "oracle", False)
+    best, history = beam_skip(graph, ev, check_sparsity(graph, sparsity), beam, ckpt, progress=False)
+    if method == "skrr":
+        best, _ = reuse_phase(graph, ev, best, ckpt, progress=False)
+    return best, ev.runner.counter, len(history)
