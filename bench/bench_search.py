@@ -104,15 +104,16 @@ def fmt_counter(c: dict) -> str:
             f"{c['recompute_evals']:,} stages recomputed for beams")
 
 
-def sample_naive(model, graph, cal, rep: dict, K: int, n: int, n_chunk: int, t_fast: float) -> None:
+def sample_naive(model, graph, cal_naive, naive_chunk: int, rep: dict, K: int, n: int, per_pass: int, t_fast: float) -> None:
     """Naive candidates (the best beam of step s-1 plus one more sub-block, drawn at random) timed with full
-    forwards; their seconds per sub-block evaluation times the counted evaluations estimate the naive search."""
+    forwards over `cal_naive` (its own chunking); their seconds per sub-block run over the whole calibration set
+    times the naive search's count of such runs (`per_pass`) estimate the naive search."""
     import random
 
     rng = random.Random(0)
     hist = rep["depth_history"]
     t1 = time.perf_counter()
-    scorer = NaiveScorer(model, graph, cal)
+    scorer = NaiveScorer(model, graph, cal_naive)
     t_ref = time.perf_counter() - t1
     seconds, evals = 0.0, 0
     for i in range(n):
@@ -124,10 +125,11 @@ def sample_naive(model, graph, cal, rep: dict, K: int, n: int, n_chunk: int, t_f
         scorer.score(parent | {j})
         seconds += time.perf_counter() - t1
         evals += scorer.block_evals - before
-    rate = seconds / evals
-    estimate = t_ref + rate * n_chunk
-    print(f"naive sampled: {n} candidates, {evals:,} sub-block evals in {seconds:.1f} s = {1000 * rate:.2f} ms each; "
-          f"whole naive search = dense reference {t_ref:.1f} s + {n_chunk:,} x that = {estimate:.0f} s")
+    rate = seconds / (evals / scorer.n_chunks)  # one sub-block over every prompt
+    estimate = t_ref + rate * per_pass
+    print(f"naive sampled (chunks of {naive_chunk}): {n} candidates, {evals:,} sub-block evals in {seconds:.1f} s = "
+          f"{1000 * rate:.1f} ms per sub-block over all prompts; whole naive search = dense reference {t_ref:.1f} s "
+          f"+ {per_pass:,} x that = {estimate:.0f} s")
     print(f"  -> wall time naive (sampled estimate) / fast (measured): {estimate / t_fast:.2f}x  (goal >= 5x)")
 
 
@@ -141,8 +143,9 @@ def main() -> None:
     ap.add_argument("--naive-steps", type=int, default=None,
                     help="time the naive search over only this many first beam steps (and the fast one's same steps)")
     ap.add_argument("--naive-sample", type=int, default=0,
-                    help="also time this many naive candidates drawn along the trajectory, and give the naive "
-                         "wall time of the whole search as their time per sub-block evaluation x the counted evaluations")
+                    help="also time this many naive candidates drawn along the trajectory (at each --naive-chunk-size), "
+                         "and give the naive wall time of the whole search as their time per sub-block evaluation x "
+                         "the counted evaluations")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--ablate", action="store_true", help="also run the fast search with each lever off")
     args = ap.parse_args()
@@ -191,8 +194,9 @@ def main() -> None:
             print(f"without {name:8s}: {t_off:8.1f} s {co['block_evals']:>9,} sub-block evals "
                   f"({co['prompt_block_evals']:,} per prompt) -> the lever buys {co['prompt_block_evals'] / c['prompt_block_evals']:.2f}x "
                   f"evaluations, {t_off / t_fast:.2f}x wall; identical plan and scores: {same}")
-        if args.naive_sample:
-            sample_naive(model, graph, cal, rep, K, args.naive_sample, n_chunk, t_fast)
+        for naive_chunk in naive_chunks if args.naive_sample else ():
+            sample_naive(model, graph, cal_naive[naive_chunk], naive_chunk, rep, K, args.naive_sample,
+                         n_chunk // (len(cal.chunks) + 1), t_fast)
         if args.skip_naive:
             continue
         steps = args.naive_steps if args.naive_steps and args.naive_steps < len(hist) else None
