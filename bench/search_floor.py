@@ -10,7 +10,9 @@ chunk's share of it:
     bar (greedy by share / (tokens x stages to run from the deepest state the memo holds): the work-aware
     order of the fast search, fed the candidate's own shares instead of its parent's).
 The oracle goes through the same Evaluator (same memo, same counters, same beam steps and re-use phase),
-so its count is the fast search's count with a perfect bar and a perfect chunk order. The truth it peeks at
+so its count is the fast search's count with a perfect bar and the best chunk order (with chunks of equal
+cost, largest shares first is the cheapest way past the bar; with unequal costs the greedy order is close to
+it, not provably equal). The truth it peeks at
 comes from a second, separate evaluator that scores every candidate in full (not counted).
 
     python bench/search_floor.py --model minilm --sparsity 0.3,0.4 --chunk-size 1

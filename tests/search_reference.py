@@ -165,7 +165,8 @@ class OracleEvaluator(Evaluator):
 
 
 def oracle_search(graph, cal, sparsity: float, beam: int = 3, method: str = "skrr"):
-    """The Skrr search (skip phase, then re-use) driven by the oracle; returns (best config, its counter)."""
+    """The Skrr search (skip phase, then re-use) driven by the oracle; returns (its best beam, the oracle's
+    counter, the number of beam steps)."""
     levers = ("memo", "order")  # the truth: every candidate in full (no abandoning), its own runner
     truth = Evaluator(StagedRunner(graph), cal, levers=levers)
     ev = OracleEvaluator(truth, StagedRunner(graph), cal)
