@@ -52,8 +52,9 @@ class Counter:
     prompt_block_evals: the same per prompt (a chunk of n prompts counts n), the unit that does not depend
     on the chunk size; token_block_evals: the same per token (a chunk counts its padded tokens: the work
     a stage does, where the null prompt's few tokens weigh little); recompute_evals: stages run before a
-    candidate's first change (rebuilding a state the budget did not keep); memo_starts / memo_stages_saved: chunk evaluations that started past their
-    first change, from a state another configuration computed, and the stages that saved."""
+    candidate's first change (rebuilding a state the budget did not keep); memo_starts / memo_stages_saved:
+    chunk evaluations that started past their first change, from a state another configuration computed,
+    and the stages that saved."""
 
     block_evals: int = 0
     prompt_block_evals: int = 0
