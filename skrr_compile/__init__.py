@@ -4,6 +4,7 @@ One verb per step of the data flow:
 
     graph = skrr.trace(model)                                    # torch.export graph + sub-block table
     result = skrr.search(model, tokenizer, prompts, sparsity=0.4)  # Skrr beam skip + re-use -> Plan
+    result = skrr.search(model, tokenizer, prompts, skrr.SearchConfig.from_kwargs(sparsity=0.4, beam=3))
     pruned = skrr.apply(model, result.plan)                      # rewritten graph, drop-in module
     skrr.save(pruned, "out/"); pruned = skrr.load("out/")
     skrr.magnitude_prune(model, skrr.MagnitudeConfig(sparsity=0.475))
@@ -15,6 +16,7 @@ discrepancy, staged runner, Skrr and baselines), `magnitude`, `deploy` (ONNX, to
 """
 
 from skrr_compile.blocksearch.calibration import Calibration
+from skrr_compile.blocksearch.config import SearchConfig
 from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.run import SearchResult, search
 from skrr_compile.core.encoder import PrunedEncoder, apply
@@ -37,6 +39,7 @@ __all__ = [
     "prune_pipeline",
     # configs and results
     "Plan",
+    "SearchConfig",
     "MagnitudeConfig",
     "Calibration",
     "SearchResult",

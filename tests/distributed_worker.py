@@ -3,7 +3,8 @@
     python tests/distributed_worker.py api OUT_JSON [STATE_DIR] [--resume]   # T5 with re-use, API
     python tests/distributed_worker.py cli ARGS...                            # the CLI (skrr_compile.cli.main)
     python tests/distributed_worker.py wanda OUT_PT                           # Wanda norms, masks, hybrid weights
-SKRR_TEST_STOP_AFTER=N: Ctrl-C (KeyboardInterrupt) on every rank at the N-th selection.
+    python tests/distributed_worker.py laco OUT_PT [STATE_DIR] [--resume]    # LaCo on T5, API
+SKRR_TEST_STOP_AFTER=N: Ctrl-C (KeyboardInterrupt) on every rank at the N-th selection (LaCo: N-th scored merge).
 SKRR_TEST_DIE_RANK=R: rank R dies (os._exit) at the 2nd selection, or at its 1st Wanda calibration batch.
 """
 
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from skrr_compile.blocksearch import evaluator  # noqa: E402
+from skrr_compile.blocksearch import laco as laco_module  # noqa: E402
 from skrr_compile.magnitude import wanda  # noqa: E402
 
 torch.set_num_threads(1)
@@ -49,6 +51,17 @@ def batch_sums(*a, **k):
 
 
 wanda._batch_sums = batch_sums
+real_mean_cosine = laco_module._mean_cosine
+
+
+def mean_cosine(*a, **k):
+    calls["laco"] = calls.get("laco", 0) + 1
+    if calls["laco"] == int(os.environ.get("SKRR_TEST_STOP_AFTER", "0")):
+        raise KeyboardInterrupt
+    return real_mean_cosine(*a, **k)
+
+
+laco_module._mean_cosine = mean_cosine
 
 
 def t5_calibration():
@@ -119,6 +132,16 @@ def main() -> int:
         return 0
     out, state = Path(sys.argv[2]), (sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None)
     model = FAMILIES["t5-gated"].make(seed=4)
+    if mode == "laco":  # 2 merges scored: the first accepted (cosine 0.80), the second refused (0.60)
+        try:
+            res = skrr.search(model, None, t5_calibration(), sparsity=0.45, method="laco", progress=False,
+                              laco_params={"T": 0.7, "I": 1}, out_dir=state, resume="--resume" in sys.argv)
+        except KeyboardInterrupt:
+            return 130
+        if rank == 0:
+            torch.save({"plan": res.plan.to_json(), "log": json.dumps(res.report["laco_log"]),
+                        "world": res.report["distributed"]["world_size"], "merged": res.overrides}, out)
+        return 0
     try:
         res = skrr.search(model, None, t5_calibration(), sparsity=0.45, method="skrr", progress=False,
                           out_dir=state, resume="--resume" in sys.argv)
@@ -133,4 +156,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from skrr_compile.blocksearch.distributed import leave
+
+    try:
+        code = main()
+    finally:
+        leave()  # as the CLI does: a rank that exits inside the group may abort in teardown
+    sys.exit(code)

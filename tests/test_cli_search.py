@@ -35,7 +35,7 @@ def test_prune_writes_a_loadable_model_and_a_report(pruned_dir):
 
 
 def test_eval_reports_heldout_discrepancy(pruned_dir, capsys):
-    assert main(["eval", str(pruned_dir), "--prompts", "builtin-heldout", "--limit", "6"]) == 0
+    assert main(["eval", str(pruned_dir), "--prompts", "builtin-heldout", "--limit", "6", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     report = json.loads((pruned_dir / "report.json").read_text())["rows"][0]
     assert out["discrepancy"] == pytest.approx(report["heldout_discrepancy"], rel=1e-6)

@@ -201,11 +201,7 @@ def test_t5_in_fp16_partitions_through_the_clamp():
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: the traced UMT5 graph returns no hidden_states (transformers 5 records them with capture_outputs "
-        "hooks, which do not fire under torch.export); PrunedEncoder(output_hidden_states=True) gives None")))
-    if n == "umt5" else n for n in sorted(FAMILIES)])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_hidden_states_and_eos_pooling_match_hand_patched(name):
     """Every hidden state (SDXL / SD3 read hidden_states[-2]) against the hand-patched model; CLIP pools at the
     EOS token, which the inputs now contain at a different position in each row (issue 14)."""

@@ -30,6 +30,10 @@ class Solo:
     def gather_objects(self, obj) -> list:
         return [obj]
 
+    def gather_rows(self, row: list[float]) -> list[list[float]]:
+        """Every rank's `row` (floats, the same length on every rank), in rank order."""
+        return [list(row)]
+
     def barrier(self) -> None:
         pass
 
@@ -58,6 +62,12 @@ class TorchGroup(Solo):
         self.dist.all_gather(out, mine)
         pairs = [tuple(float(x) for x in t.cpu().tolist()) for t in out]
         return [p for p in pairs if p[0] != NONE]
+
+    def gather_rows(self, row):
+        mine = torch.tensor(row, dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        self.dist.all_gather(out, mine)
+        return [t.cpu().tolist() for t in out]
 
     def gather_objects(self, obj) -> list:
         out = [None] * self.world
@@ -115,6 +125,16 @@ def init_from_env(device: str | torch.device, timeout_s: float = 600.0):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return current_group()
+
+
+def leave() -> None:
+    """Destroy the default process group, if one is initialised: a process that exits with it alive (its gloo
+    threads and, on rank 0, the TCPStore server still running) can die in C++ teardown with SIGABRT
+    ("terminate called without an active exception") instead of its exit code. Purely local: no collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(n_chunks: int, rank: int, world: int) -> list[int]:

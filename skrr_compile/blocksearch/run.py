@@ -12,14 +12,14 @@ import torch
 
 from skrr_compile.blocksearch.calibration import Calibration, read_prompts, tokenize
 from skrr_compile.blocksearch.checkpoint import STATE_FILE, Checkpoint, input_key
+from skrr_compile.blocksearch.config import DTYPES, METHODS, OFFLOAD_MODES, SearchConfig  # noqa: F401 (re-exported)
 from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
 from skrr_compile.blocksearch.distributed import current_group
 from skrr_compile.blocksearch.errors import SearchError
-from skrr_compile.blocksearch.evaluator import LEVERS, Evaluator
+from skrr_compile.blocksearch.evaluator import Evaluator
 from skrr_compile.blocksearch.laco import LACO_DEFAULTS, laco
 from skrr_compile.blocksearch.memory import chunk_shapes_of, measured_peak, plan_memory
 from skrr_compile.blocksearch.offload import OffloadBudgetError, SafetensorsSource, WeightStore, source_digest
-from skrr_compile.blocksearch.reference import PLACEMENTS
 from skrr_compile.blocksearch.runner import Config, StagedRunner
 from skrr_compile.blocksearch.selectors import output_selector, with_hidden_states
 from skrr_compile.blocksearch.shortgpt import shortgpt
@@ -29,11 +29,6 @@ from skrr_compile.core.plan import Plan
 from skrr_compile.core.trace import EncoderGraph, trace
 from skrr_compile.utils.allocator import keep_large_tensors_mmapped
 from skrr_compile.utils.tensors import retarget_devices
-
-METHODS = ("skrr", "skrr-skip", "finercut", "shortgpt", "laco")
-OFFLOAD_MODES = ("none", "cpu", "disk")
-
-
 
 
 @dataclass
@@ -64,38 +59,24 @@ def search(
     model,
     tokenizer,
     prompts: Sequence[str] | str | Calibration,
+    config: SearchConfig | None = None,
     *,
-    sparsity: float,
-    method: str = "skrr",
-    beam: int = 3,
     projection=None,
     select: Callable = last_hidden_state,
-    read: str = "mask",
-    max_length: int | None = None,
-    padding: str = "longest",
-    chunk_size: int = 16,
-    min_tokens: int | None = None,
-    max_tokens: int | None = None,
+    graph: EncoderGraph | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    cache_gb: float = 4.0,
-    laco_params: dict | None = None,
-    seed: int = 0,
-    graph: EncoderGraph | None = None,
-    template: str | None = None,
-    drop_tokens: int = 0,
-    hidden_layer: int | str | Sequence[int] | None = None,
-    dtype: str | torch.dtype | None = None,
-    reference: str = "device",
-    host_cache_gb: float | None = None,
-    offload: str = "none",
-    device: str | torch.device | None = None,
-    device_budget_gb: float | None = None,
-    weights_path: str | Path | None = None,
-    levers: Sequence[str] | None = None,
+    **options,
 ) -> SearchResult:
-    """Find a plan that removes at least `sparsity` of the encoder's parameters (paper accounting).
+    """Find a plan that removes at least `config.target.sparsity` of the encoder's parameters (paper accounting).
+
+    `config` (blocksearch/config.py `SearchConfig`) holds every option that is data; flat `options` (the
+    names of its fields: `sparsity=0.4, beam=3, template=..., cache_gb=...`) build one, or change the given
+    one. The rest are run-time objects: `projection` (the denoiser's caption projection: a module, a callable
+    or a tuple of them; identity by default), `select` (a callable picking what is scored from the output;
+    `hidden_layer` builds one), `graph` (an EncoderGraph already traced from `model`), `out_dir`/`resume` (the
+    checkpointed state), `progress`.
 
     What the denoiser reads (LLM encoders): `template` ("...{prompt}...", the null prompt too), `drop_tokens`
     (the first N tokens of the embedding left out), `hidden_layer` (-2, or a list of layers concatenated
@@ -107,56 +88,44 @@ def search(
     `host_cache_gb` more of them spilled to host memory (CUDA; default min(16, cache_gb * 4)), `offload`
     none|cpu|disk (weights stay on the host, or with disk in the checkpoint's safetensors under
     `weights_path`, read by memory map, the model itself on the meta device; each stage's are copied to
-    `device` as it runs, within `device_budget_gb`). The memory plan is printed at the start and kept in the report with the measured
-    peak.
+    `device` as it runs, within `device_budget_gb`). The memory plan is printed at the start and kept in the
+    report with the measured peak; the config is kept in the report (`report["config"]`).
 
     `levers` (for measurement) names the exact speed levers to use, default all of
     blocksearch/evaluator.LEVERS; none changes the plan or a score, only the work done.
     """
-    if method not in METHODS:
-        raise SearchError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if levers is not None and (isinstance(levers, str) or not set(levers) <= set(LEVERS)):
-        raise SearchError(f"levers must be a list drawn from {', '.join(LEVERS)}, got {levers!r}")
-    if beam < 1:
-        raise SearchError(f"beam must be >= 1, got {beam}")
+    config = SearchConfig.from_kwargs(**options) if config is None else config.replace(**options)
+    t, m = config.target, config.memory
+    sparsity, method, beam, levers, laco_params = t.sparsity, t.method, t.beam, t.levers, t.laco_params
+    hidden_layer = config.reads.hidden_layer
     if hidden_layer is not None:
         if select is not last_hidden_state:
             raise SearchError("pass either select or hidden_layer, not both")
-        try:
-            select = output_selector(hidden_layer)
-        except ValueError as e:
-            raise SearchError(str(e)) from e
-    if reference not in PLACEMENTS:
-        raise SearchError(f"reference must be one of {', '.join(PLACEMENTS)}, got {reference!r}")
-    if offload not in OFFLOAD_MODES:
-        raise SearchError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
-    if offload == "disk" and weights_path is None:
-        raise SearchError("offload='disk' needs weights_path: the checkpoint directory whose safetensors are read")
-    if offload == "disk" and method == "laco":
-        raise SearchError("LaCo merges weights in memory: use offload='cpu' or 'none' for method laco")
+        select = output_selector(hidden_layer)
+    reference, offload, cache_gb, host_cache_gb = m.reference, m.offload, m.cache_gb, m.host_cache_gb
+    weights_path, device_budget_gb = m.weights_path, m.device_budget_gb
     model_device = next(iter((graph.graph_module if graph is not None else model).parameters())).device
-    device = torch.device(device) if device is not None else model_device
+    device = torch.device(m.device) if m.device is not None else model_device
     if offload == "none" and device != model_device:
         raise SearchError(f"the model is on {model_device}, the search device is {device}: move the model, "
                           "or pass offload='cpu' to keep its weights on the host")
-    dtype = resolve_dtype(dtype, device)
-    torch.manual_seed(seed)
+    dtype = resolve_dtype(m.dtype, device)
+    torch.manual_seed(t.seed)
     model, graph = in_dtype(model, graph, dtype)
     target = check_sparsity(graph, sparsity)
-    calibration = prepare_calibration(tokenizer, prompts, max_length=max_length, padding=padding,
-                                      chunk_size=chunk_size, min_tokens=min_tokens, max_tokens=max_tokens, read=read,
-                                      template=template, drop_tokens=drop_tokens)
+    c, r = config.calibration, config.reads
+    calibration = prepare_calibration(tokenizer, prompts, max_length=c.max_length, padding=c.padding,
+                                      chunk_size=c.chunk_size, min_tokens=c.min_tokens, max_tokens=c.max_tokens,
+                                      read=r.read, template=r.template, drop_tokens=r.drop_tokens)
     calibration = calibration.to(device)
+    # a Calibration given as prompts was tokenized by the caller: the config records what is really scored
+    config = config.replace(read=calibration.read, template=calibration.template,
+                            drop_tokens=calibration.drop_tokens)
     projection = projection_in(projection, dtype, device)
-    width = "finercut" if method == "finercut" else beam
-    key = input_key(graph, calibration, sparsity=sparsity, method=method, beam=width, read=read,
-                     laco=laco_params, projection=_describe(projection),
+    key = input_key(graph, calibration, **config.resume_fields(), projection=_describe(projection),
                      **_selection_key(select, calibration.drop_tokens),
                      **({"weights_source": source_digest(weights_path)} if offload == "disk" else {}))
     group = current_group()
-    if group.world > 1 and method == "laco":
-        raise SearchError("LaCo is not distributed yet (its merges are scored on every chunk in memory); run it "
-                          "in one process")
     ckpt = Checkpoint(Path(out_dir) / STATE_FILE if out_dir else None, key, resume)
     ckpt.state = group.broadcast_object(ckpt.state)  # every rank resumes from what rank 0 read
     ckpt.writable = group.is_writer  # one writer: rank 0
@@ -182,7 +151,7 @@ def search(
     cache_bytes = int(cache_gb * (1 << 30))
     if host_cache_gb is None:
         host_cache_gb = min(16.0, 4 * cache_gb) if device.type == "cuda" else 0.0
-    width_k = 1 if method == "finercut" else beam
+    width_k = t.width
     memory = plan_memory(runner, chunk_shapes_of(calibration), projection_width=_projection_width(projection),
                          dtype=dtype, cache_bytes=cache_bytes, beam=width_k, reference=reference,
                          offload=offload, device=str(device))
@@ -196,7 +165,7 @@ def search(
                    beam=width_k, progress=progress, host_cache_bytes=int(host_cache_gb * (1 << 30)),
                    reference=reference, levers=levers, reference_path=(Path(out_dir) / (".reference.safetensors" if group.world == 1 else
                                                      f".reference.rank{group.rank}.safetensors")) if out_dir else None)
-    report: dict = {"method": method, "target_sparsity": sparsity, "beam": 1 if method == "finercut" else beam}
+    report: dict = {"method": method, "target_sparsity": sparsity, "beam": t.width, "config": config.to_dict()}
     overrides: dict = {}
     if method in ("skrr", "skrr-skip", "finercut"):
         best, history = beam_skip(graph, ev, target, 1 if method == "finercut" else beam, ckpt, progress)
@@ -263,9 +232,6 @@ def search(
     result = SearchResult(plan, report, overrides, weights if offload == "disk" else None)
     ckpt.save(phase="done", plan=plan.to_dict(), report=report)
     return result
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

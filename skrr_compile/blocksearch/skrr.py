@@ -115,6 +115,12 @@ def reuse_phase(graph: EncoderGraph, ev: Evaluator, best: Beam, ckpt: Checkpoint
                 best_choice, best_score = options[n], scored[n]
         steps.append({"block": i, "left": left[0] if left else None, "right": right[0] if right else None,
                       "scores": {str(k): v for k, v in scores.items()}, "chosen": best_choice})
+        if progress:  # one line per step, as the skip steps print
+            tried = ", ".join(f"via {j} {scores[j]:.4g}" if scores[j] is not None else f"via {j} abandoned"
+                              for j in options)
+            print(f"re-use step {pos + 1} (sub-block {i}): skipped D {current.score:.4g}"
+                  + (f", {tried}" if tried else ", no kept sub-block of its kind") + "; "
+                  + (f"re-uses {best_choice}" if best_choice is not None else "stays skipped"), flush=True)
         if best_choice is not None:
             n = options.index(best_choice)
             current = Beam(current.config.with_reuse(i, best_choice), current.order, best_score, ev.shares[n])

@@ -207,13 +207,18 @@ def cmd_prune_pipeline(args) -> int:
         result = None
     else:
         from skrr_compile.blocksearch.calibration import read_prompts
+        from skrr_compile.blocksearch.config import SearchConfig
 
         prompts = read_prompts(args.prompts, field=args.field, limit=args.limit)
+        try:  # what each encoder's consumer reads (template, layer, length) the pipeline's spec sets
+            config = SearchConfig.from_kwargs(sparsity=args.sparsity, method=args.method, beam=args.beam,
+                                              chunk_size=args.chunk_size)
+        except ValueError as e:
+            raise CLIError(str(e)) from e
         try:
             result = distributed(lambda: prune_pipeline(
-                pipe, prompts, args.sparsity, encoders=encoders, method=args.method,
-                max_sequence_length=args.max_sequence_length, beam=args.beam, chunk_size=args.chunk_size,
-                progress=not args.quiet and group.is_writer,
+                pipe, prompts, args.sparsity, encoders=encoders, method=args.method, config=config,
+                max_sequence_length=args.max_sequence_length, progress=not args.quiet and group.is_writer,
             ), hint="nothing was written; run it again")
         except ImportError as e:
             raise CLIError(str(e)) from e

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import importlib
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -19,7 +23,7 @@ from skrr_compile.cli.main import (
     join_group,
     print_json,
 )
-from skrr_compile.core.checkpoints import resolve_model_path
+from skrr_compile.core.checkpoints import refuse_pruned_dir, resolve_model_path
 from skrr_compile.core.plan import Plan
 from skrr_compile.magnitude.config import CRITERIA, PRESETS, WANDA_GROUPS, MagnitudeConfig, get_preset
 from skrr_compile.magnitude.denoiser import (
@@ -28,13 +32,16 @@ from skrr_compile.magnitude.denoiser import (
     denoiser_inputs,
     is_denoiser,
 )
+from skrr_compile.magnitude.layers import layers_read, select_layers
 from skrr_compile.magnitude.prune import hybrid, prune
 from skrr_compile.magnitude.storage import (
     SINGLE,
     is_pipeline_dir,
     load_source_component,
     load_source_tokenizer,
+    model_components,
     parse_targets,
+    pipeline_index,
     resolve_targets,
     save_pruned,
 )
@@ -63,6 +70,9 @@ def register(sub) -> None:
     p.add_argument("--pattern", default="unstructured", help="'unstructured' (default) or N:M such as 2:4")
     p.add_argument("--plan", help="a Skrr plan.json applied to the text encoder first (hybrid; sparsity counted once)")
     p.add_argument("--plan-component", default="text_encoder", help="pipeline component the plan is for")
+    p.add_argument("--max-length", type=int,
+                   help="a text encoder in a pipeline: the max_sequence_length the pipeline runs with (default: its "
+                   "own), for Wanda's calibration")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -205,16 +215,27 @@ def _magnitude(args, group) -> int:
     if args.plan and (args.plan_component if pipeline else SINGLE) not in targets:
         raise CLIError(f"--plan is for component {args.plan_component!r}, which is not among the targets {list(targets)}")
     components, reports, summary = {}, {}, {}
+    pipe, specs = _pipeline_specs(args, path, targets) if pipeline else (None, {})
     for name, sparsity in targets.items():
         try:
             config = MagnitudeConfig(sparsity, criterion, pattern=args.pattern, include_conv=args.include_conv,
                                      exclude=tuple(args.exclude), wanda_group=args.wanda_group)
         except ValueError as e:
             raise CLIError(f"component {name!r}: {e}") from e
-        _say(f"loading {name} ...")
-        model = load_source_component(path, name, dtype=_dtype(args))
-        calibration = _wanda_calibration(args, path, name, model) if criterion == "wanda" else None
         is_plan_target = args.plan and name == (args.plan_component if pipeline else SINGLE)
+        if name in specs:  # a text encoder of a supported pipeline: what the pipeline runs and reads
+            _say(f"pruning {name}: {config.criterion}, {config.pattern}, {100 * config.sparsity:.2f}% of the "
+                 "layers that reach what the pipeline reads" + (" after the Skrr plan" if is_plan_target else ""))
+            model, result = _prune_text_model(args, pipe, specs[name], config,
+                                              Plan.load(args.plan) if is_plan_target else None)
+            components[name] = model
+            reports[name] = result.to_dict()
+            summary[name] = {"config": config.to_dict(), "hybrid": bool(is_plan_target),
+                             "sparsity": result.sparsity.to_dict(), "threshold": result.threshold, **result.info}
+            continue
+        _say(f"loading {name} ...")
+        model = getattr(pipe, name) if pipe is not None else load_source_component(path, name, dtype=_dtype(args))
+        calibration = _wanda_calibration(args, path, name, model) if criterion == "wanda" else None
         _say(f"pruning {name}: {config.criterion}, {config.pattern}, {100 * config.sparsity:.2f}%"
              + (" after the Skrr plan" if is_plan_target else ""))
         if is_plan_target:
@@ -248,7 +269,142 @@ def _magnitude(args, group) -> int:
               f"{info['file_bytes'] / info['dense_bytes']:>10.3f}")
     print("Linear = the study's definition (Linear weights only); Lin+conv adds convolutions; all = every "
           "parameter; total = vs the dense model (includes sub-blocks a Skrr plan removed)")
+    for name, info in summary.items():
+        if "text_model" in info:
+            print(_text_model_sentence(name, info))
     return 0
+
+
+def _text_model_sentence(name: str, info: dict) -> str:
+    """What a pipeline text encoder's figures count: the text model it runs, what was left dense and why."""
+    text = (f"{name}: sparsity of the {info['text_model']} the pipeline runs ({info['text_model_params']:,} params; "
+            f"reads {', '.join(info['reads'])}); {info['layers_pruned']} Linear layers pruned")
+    if info["unread_layers"]:
+        text += f", {len(info['unread_layers'])} past the hidden state read left dense (they reach nothing it reads)"
+    if info["unused_params"]:
+        text += (f"; the {info['component']} ({info['component_params']:,} params) also holds "
+                 f"{info['unused_params']:,} params the pipeline never runs (LM head / vision tower), saved as they are")
+    return text
+
+
+PROBE_PROMPT = "a photo of a cat"  # traced once to find the layers that reach what the pipeline reads
+CALIBRATION_CHUNK = 32  # prompts per Wanda calibration batch (as text_calibration and sweep's default)
+
+
+def _pipeline_specs(args, path: Path, targets) -> tuple[object | None, dict]:
+    """(the pipeline, {target: EncoderSpec}) when targets are text encoders of a supported pipeline, else (None, {}).
+
+    The pipeline is loaded with its targets for real and every other model component built on the meta device
+    (its config is all `describe_pipeline` reads), so memory stays what the targets need.
+    """
+    try:
+        from diffusers import DiffusionPipeline
+
+        from skrr_compile.deploy.pipelines.encoder import (
+            SUPPORTED_PIPELINES,
+            TEXT_ENCODERS,
+            NoTextEncoderError,
+            UnsupportedPipelineError,
+        )
+        from skrr_compile.deploy.pipelines.specs import describe_pipeline
+    except ImportError as e:
+        _say(f"note: {e}; text encoders are pruned whole (every Linear layer) and calibrated without the "
+             "pipeline's template")
+        return None, {}
+    if not any(n in TEXT_ENCODERS for n in targets):
+        return None, {}
+    import diffusers
+
+    cls = getattr(diffusers, json.loads((path / "model_index.json").read_text()).get("_class_name", ""), None)
+    if not isinstance(cls, type) or not any(c.__name__ in SUPPORTED_PIPELINES for c in cls.__mro__):
+        return None, {}
+    refuse_pruned_dir(path)
+    for name in targets:
+        refuse_pruned_dir(path / name)
+    _say("loading the pipeline (the components not pruned on the meta device) ...")
+    stand_ins = {n: _meta_component(path, n) for n in model_components(path) if n not in targets}
+    dtype = _dtype(args)
+    pipe = DiffusionPipeline.from_pretrained(
+        path, **{n: m for n, m in stand_ins.items() if m is not None}, **({"torch_dtype": dtype} if dtype else {})
+    )
+    for name in targets:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    try:
+        spec = describe_pipeline(pipe, args.max_length)
+    except (UnsupportedPipelineError, NoTextEncoderError) as e:
+        _say(f"note: {e}; its text encoders are pruned whole (every Linear layer) without the pipeline's template")
+        return pipe, {}
+    return pipe, {n: s for n, s in spec.encoders.items() if n in targets}
+
+
+def _meta_component(path: Path, name: str):
+    """Component `name` built from its config on the meta device (no weights), or None to let diffusers load it."""
+    library, cls_name = pipeline_index(path)[name]
+    try:
+        cls = getattr(importlib.import_module(library), cls_name)
+        with torch.device("meta"):
+            if library == "transformers":
+                from transformers import AutoConfig
+
+                return cls(AutoConfig.from_pretrained(path / name)).eval()
+            return cls.from_config(cls.load_config(path / name)).eval()
+    except Exception:  # a model that cannot be built on meta is loaded for real: only memory is at stake
+        return None
+
+
+def _prune_text_model(args, pipe, spec, config: MagnitudeConfig, plan: Plan | None):
+    """Prune the text model the pipeline runs for `spec` (`spec.encoder`: the language model inside an LLM
+    component), only its layers that reach what the pipeline reads, Wanda calibrated on what it feeds.
+
+    Which layers: those whose weights the spec's outputs depend on (`layers_read`, on a probe prompt through the
+    spec): a layer past the hidden state read (hidden_states[-2]: the last decoder layer), an LM head or a vision
+    tower is left as it is, and the sparsity counts the text model (`SparsityReport` of it, as `encoder_sizes`
+    counts it). Wanda's calibration is `spec_scoring`'s, the Skrr search's: the pipeline's tokenizer, template,
+    mask, special tokens, length, and only the tokens that reach the denoiser (dropped tokens left out).
+    Returns (what replaces the component: the component with its text model pruned in place, or with a plan
+    the pruned text model, as prune-pipeline's), the PruneResult (`info`: what was pruned and counted).
+    """
+    from skrr_compile.core.encoder import apply
+    from skrr_compile.deploy.pipelines.encoder import record_component
+    from skrr_compile.deploy.pipelines.prune import spec_scoring
+    from skrr_compile.utils.tensors import param_numel
+
+    component = getattr(pipe, spec.component)
+    dense = spec.encoder(pipe).eval()
+    text = apply(dense, plan) if plan is not None else dense
+    probe = spec_scoring(pipe, spec, [PROBE_PROMPT], chunk_size=1)
+    ids, mask = probe.calibration.chunks[0]
+    run = probe.call(text)
+    layers = select_layers(text, config)
+    read = layers_read(layers, lambda: probe.select(run(ids, attention_mask=mask)))
+    if layers and not read:
+        raise CLIError(f"none of the Linear layers of {spec.component}'s {type(dense).__name__} reaches what the "
+                       "pipeline reads")
+    names = {layer.name for layer in read}
+    unread = [layer.name for layer in layers if layer.name not in names]
+    effective = dataclasses.replace(config, exclude=(*config.exclude, *(glob.escape(n) for n in unread)))
+    calibration = info_cal = None
+    if config.criterion == "wanda":
+        calibration = spec_scoring(pipe, spec, _calibration_prompts(args), chunk_size=CALIBRATION_CHUNK).calibration
+        info_cal = {"prompts": calibration.num_prompts, "template": calibration.template,
+                    "drop_tokens": calibration.drop_tokens, "max_length": calibration.max_length,
+                    "read": calibration.read}
+    if plan is not None:
+        replacement, result = hybrid(text, None, effective, calibration)
+        record_component(replacement, component)
+    else:
+        result = prune(text, effective, calibration)
+        replacement = component  # its text model pruned in place
+    whole, params = param_numel(component), param_numel(dense)
+    result.info.update({
+        "text_model": type(dense).__name__, "module": spec.module, "reads": [o.describe() for o in spec.outputs],
+        "component": type(component).__name__, "component_params": whole, "text_model_params": params,
+        "unused_params": whole - params, "layers_pruned": len(read), "unread_layers": unread,
+        **({"calibration": info_cal} if info_cal else {}),
+    })
+    return replacement, result
 
 
 def _text_metric(args, path: Path, name: str, pipeline: bool):

@@ -158,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # dependency bars (loading / writing weights) redraw with carriage returns: none in logs, none when --quiet
-    with _quiet_dependencies(getattr(args, "quiet", False) or not _isatty(sys.stderr)):
-        return _run(args)
+    try:
+        with _quiet_dependencies(getattr(args, "quiet", False) or not _isatty(sys.stderr)):
+            return _run(args)
+    finally:  # under torchrun: every rank leaves the group before exit, or teardown may abort (SIGABRT)
+        from skrr_compile.blocksearch.distributed import leave
+
+        leave()
 
 
 def _isatty(stream) -> bool:

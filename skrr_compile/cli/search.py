@@ -8,14 +8,19 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from skrr_compile.blocksearch.calibration import read_prompts
 from skrr_compile.blocksearch.checkpoint import STATE_FILE, input_key
-from skrr_compile.blocksearch.distributed import ShardedDiscrepancy, local
+from skrr_compile.blocksearch.config import SearchConfig
+from skrr_compile.blocksearch.distributed import ShardedDiscrepancy
 from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.laco import save_plan
-from skrr_compile.blocksearch.report import write_report
+from skrr_compile.blocksearch.report import (
+    EVAL_COLUMNS,
+    health_line,
+    markdown_table,
+    row_health,
+    write_report,
+)
 from skrr_compile.blocksearch.run import (
     METHODS,
     SearchResult,
@@ -94,10 +99,23 @@ def _memory_args(p) -> None:
                    help="build the model on the meta device (no weights), print the memory plan, exit")
 
 
-def _memory_kwargs(args) -> dict:
-    return {"dtype": args.dtype, "reference": args.reference, "host_cache_gb": args.host_cache_gb,
-            "offload": args.offload, "device": _device(args), "device_budget_gb": args.device_budget_gb,
-            "weights_path": resolve_model_path(args.model) if args.offload == "disk" else None}
+def search_config(args, **changes) -> SearchConfig:
+    """The SearchConfig of these command-line options (`changes`: flat options set otherwise, e.g. compare's
+    sparsity and method). The prompts are tokenized by the CLI itself (`_calibration`) with the same options."""
+    options = {"sparsity": getattr(args, "sparsity", None), "method": getattr(args, "method", "skrr"),
+               "beam": args.beam, "read": args.read, "template": args.template, "drop_tokens": args.drop_tokens,
+               "hidden_layer": args.hidden_layer, "max_length": args.max_length, "padding": args.padding,
+               "chunk_size": args.chunk_size, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens}
+    if hasattr(args, "offload"):  # search / prune: the memory options
+        options.update(cache_gb=args.cache_gb, dtype=args.dtype, reference=args.reference,
+                       host_cache_gb=args.host_cache_gb, offload=args.offload, device=_device(args),
+                       device_budget_gb=args.device_budget_gb,
+                       weights_path=resolve_model_path(args.model) if args.offload == "disk" else None)
+    options.update(changes)
+    try:
+        return SearchConfig.from_kwargs(**options)
+    except SearchError as e:
+        raise CLIError(str(e)) from e
 
 
 def _device(args) -> str:
@@ -115,18 +133,17 @@ def dry_run(args) -> int:
     from skrr_compile.blocksearch.memory import chunk_shapes_of, padded_shapes, plan_memory
     from skrr_compile.blocksearch.run import resolve_dtype
     from skrr_compile.blocksearch.runner import StagedRunner
-    from skrr_compile.core.checkpoints import load_encoder, load_tokenizer, resolve_model_path
+    from skrr_compile.core.checkpoints import load_meta_encoder, load_tokenizer, resolve_model_path
 
     if not 0.0 < args.sparsity < 1.0:
         raise CLIError(f"sparsity must be in (0, 1), got {args.sparsity}")
     device = torch.device(_device(args))
     dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
     path = resolve_model_path(args.model)
-    config = path if path.is_file() else path / "config.json"
-    if not config.is_file():
+    if path.is_dir() and not (path / "config.json").is_file():
         raise CLIError(f"{args.model!r} has no config.json: the dry run builds the model from its config")
-    with torch.device("meta"):
-        model = load_encoder(config, dtype=dtype, device="meta")
+    # on the meta device from the config (a .gguf file's from its metadata): no weight is allocated or dequantized
+    model = load_meta_encoder(path, dtype=dtype)
     runner = StagedRunner(trace(model))
     tok = load_tokenizer(args.tokenizer or path) if path.is_dir() or args.tokenizer else None
     texts = read_prompts(args.prompts, field=args.field, limit=args.limit)
@@ -156,6 +173,7 @@ def register(sub) -> None:
     p.add_argument("--model", help="the dense model (default: the source recorded at prune time)")
     _calibration_args(p, heldout=False)
     add_dist_timeout(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("compare", help="methods x sparsities: table and plot")
     p.add_argument("model")
@@ -242,9 +260,8 @@ def _run_search(args, out: Path):
     check_sparsity(graph, args.sparsity)  # unreachable targets fail here, before --out exists
     if getattr(args, "_writer", True):
         out.mkdir(parents=True, exist_ok=True)  # only now that every input has been checked
-    result = search(model, tok, cal, sparsity=args.sparsity, method=args.method, beam=args.beam, out_dir=out,
-                    resume=args.resume, progress=not args.quiet, cache_gb=args.cache_gb, graph=graph,
-                    hidden_layer=args.hidden_layer, **_memory_kwargs(args))
+    result = search(model, tok, cal, search_config(args), out_dir=out, resume=args.resume,
+                    progress=not args.quiet, graph=graph)
     pruned = materialize(graph, result)
     dense = model if result.weights is None else materialize(graph, SearchResult(Plan(), {}, {}, result.weights))
     held = None
@@ -318,6 +335,8 @@ def cmd_prune(args) -> int:
     print(f"pruned model -> {out}: {row['params']:,} params ({100 * row['sparsity']:.2f}% removed), "
           f"skip={row['skip']} reuse={row['reuse']}, calibration D={row['calib_discrepancy']:.5g}"
           + (f", held-out D={row['heldout_discrepancy']:.5g}" if row["heldout_discrepancy"] is not None else ""))
+    if row_health(row):
+        print(row_health(row))
     return 0
 
 
@@ -341,7 +360,14 @@ def cmd_eval(args) -> int:
     report.update({"params": pruned.num_params, "dense_params": meta.get("dense_params"),
                    "sparsity": 1 - pruned.num_params / meta["dense_params"], "mb": pruned.num_bytes / 1e6,
                    "skip": list(pruned.plan.skip), "reuse": pruned.plan.reuse})
-    print(json.dumps(report, indent=2, default=str))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"{args.pruned} against {source} on {args.prompts}:")
+    print(markdown_table([{**report, "method": pruned.plan.method}], EVAL_COLUMNS))
+    warning = health_line(report["cosine"], report["null_norm_ratio"])
+    if warning:
+        print(warning)
     return 0
 
 
@@ -384,32 +410,11 @@ def _start_compare(args, out: Path, state_path: Path, done_path: Path, key: str,
     return rows
 
 
-def _tensors_digest(tensors: dict) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(name.encode() + str(t.dtype).encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-LACO_NOTE = "laco is not distributed yet: every rank ran it whole (no rank waits meanwhile) and their results agreed"
-
-
 def _compare_search(args, group, model, tok, cal, graph, s: float, m: str) -> SearchResult:
-    """One method's search: data-parallel over the ranks, except LaCo (not distributed yet), which every rank
-    runs whole on its own (no rank waits for another meanwhile) and whose results must then agree."""
-    kw = {"sparsity": s, "method": m, "beam": args.beam, "progress": not args.quiet and group.is_writer,
-          "graph": graph, "hidden_layer": args.hidden_layer}
-    if m != "laco" or group.world == 1:
-        return search(model, tok, cal, **kw)
-    with local():
-        result = search(model, tok, cal, **kw)
-    mine = (result.plan.to_json(), _tensors_digest(result.overrides))
-    if any(other != mine for other in group.gather_objects(mine)):
-        raise CLIError(f"laco at {s:.2f}: the ranks' results differ (non-deterministic kernels?); run laco in one process")
-    return result
+    """One method's search, data-parallel over the ranks (every method, LaCo included: each rank computes the
+    same merges and scores them on its shard of the chunks)."""
+    return search(model, tok, cal, search_config(args, sparsity=s, method=m), graph=graph,
+                  progress=not args.quiet and group.is_writer)
 
 
 def cmd_compare(args) -> int:
@@ -470,8 +475,6 @@ def cmd_compare(args) -> int:
                     print(f"{m:>10} @ {s:.2f}: skipped: {e}", flush=True)
                 notes.append(f"{m} at {s:.2f}: {e}")
                 continue
-            if m == "laco" and group.world > 1 and LACO_NOTE not in notes:
-                notes.append(LACO_NOTE)
             pruned = materialize(graph, result)
             held_report = distributed(lambda: heldout.evaluate(with_hidden_states(pruned, select)),  # noqa: B023
                                       hint).to_dict() if held else None

@@ -88,7 +88,7 @@ def encoder_architecture(config) -> str:
     An encoder class named in `architectures` (e.g. CLIPTextModelWithProjection) is used as is; otherwise the
     Auto mapping's base model for the config type: `Qwen3ForCausalLM` -> `Qwen3Model`, `BertForMaskedLM` ->
     `BertModel`; for an encoder-decoder config its encoder-only class (`T5ForConditionalGeneration` ->
-    `T5EncoderModel`, `MT5...` -> `MT5EncoderModel`).
+    `T5EncoderModel`, `MT5...` -> `MT5EncoderModel`), also when the config says `is_encoder_decoder=False`.
     """
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
@@ -103,18 +103,20 @@ def encoder_architecture(config) -> str:
             f"model type {config.model_type!r} (architectures {names}) has no base model class in transformers "
             f"{transformers.__version__}; tested encoders: {', '.join(SUPPORTED)}"
         ) from None
-    if getattr(config, "is_encoder_decoder", False):
-        encoder = base.removesuffix("Model") + "EncoderModel"
-        if not isinstance(getattr(transformers, encoder, None), type):
-            raise UnsupportedCheckpointError(
-                f"model type {config.model_type!r} (architectures {names}) is an encoder-decoder model and "
-                f"transformers has no encoder-only class for it ({encoder}); tested encoders: {', '.join(SUPPORTED)}"
-            )
+    encoder = base.removesuffix("Model") + "EncoderModel"
+    if isinstance(getattr(transformers, encoder, None), type):
+        # the base model (T5Model, UMT5Model, MT5Model) is an encoder-decoder one whatever the config says: a
+        # config saved with is_encoder_decoder=False (as T5EncoderModel leaves it) can only mean the encoder
         return encoder
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedCheckpointError(
+            f"model type {config.model_type!r} (architectures {names}) is an encoder-decoder model and "
+            f"transformers has no encoder-only class for it ({encoder}); tested encoders: {', '.join(SUPPORTED)}"
+        )
     return base
 
 
-_architecture = encoder_architecture  # the name cli/core.py imports
+_architecture = encoder_architecture  # the older name (cli/core.py imported it)
 
 
 def load_config(path: str | Path):
@@ -171,27 +173,17 @@ def refuse_pruned_dir(path: str | Path) -> None:
 
 def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A HF text encoder from a checkpoint directory or a .gguf file (dequantized), or randomly initialised
-    from a bare config.json. The class comes from the config (see `encoder_architecture`)."""
+    from a bare config.json. The class comes from the config (see `encoder_architecture`). On
+    `device="meta"` nothing is allocated or read but the config and headers (see `load_meta_encoder`)."""
     p = resolve_model_path(path)
+    if str(device) == "meta":
+        return load_meta_encoder(p, dtype)
     if is_gguf(p):
         return _load_gguf(p, dtype).to(device).eval()
-    config_path = p if p.is_file() else p / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{str(p)!r} has no config.json; pass a HF model directory, a config.json or a "
-                                ".gguf file")
-    refuse_pruned_dir(p)
-    config = transformers.AutoConfig.from_pretrained(config_path if p.is_file() else p)
+    config = _checkpoint_config(p)
     cls = getattr(transformers, encoder_architecture(config))
-    has_weights = p.is_dir() and any((p / f).exists() for f in WEIGHT_FILES)
-    if has_weights:
-        try:
-            model, info = cls.from_pretrained(p, dtype=dtype, output_loading_info=True)
-            _check_loaded(p, model, info)
-        except SafetensorError as e:
-            raise CorruptWeightsError(
-                f"the weights in {str(p)!r} cannot be read ({e}): model.safetensors is truncated or not a "
-                "safetensors file; re-download or re-save the model"
-            ) from e
+    if _has_weights(p):
+        model = _from_pretrained(p, cls, dtype=dtype)
     else:
         if p.is_dir() and str(device) != "meta":  # a directory, not a bare config.json: say so, never silently
             warnings.warn(f"{str(p)!r} has a config.json but no weights ({', '.join(WEIGHT_FILES[:2])}): the "
@@ -199,6 +191,57 @@ def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         torch.manual_seed(0)
         model = cls(config).to(dtype)
     return model.to(device).eval()
+
+
+def load_meta_encoder(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The encoder with every parameter and buffer on the meta device, for what needs only shapes (inspect's
+    block table, fingerprints, the `--dry-run` memory plan): no weight is allocated, whatever the model size.
+
+    - a config.json or a directory without weights: built from the config;
+    - a .gguf file: built from the config in its metadata (transformers' GGUF loader would dequantize every
+      tensor to float first);
+    - a directory with weights: `from_pretrained(device_map="meta")`, which memory-maps the weight files and
+      reads only their headers and key names, so a truncated or corrupt file and a checkpoint that does not
+      hold this encoder are refused exactly as by `load_encoder`.
+    """
+    p = resolve_model_path(path)
+    config = load_config(p) if is_gguf(p) else _checkpoint_config(p)
+    cls = getattr(transformers, encoder_architecture(config))
+    if _has_weights(p):
+        model = _from_pretrained(p, cls, dtype=dtype, device_map="meta")
+    else:
+        with torch.device("meta"):
+            model = cls(config)
+        model.tie_weights()
+        model = model.to(dtype)
+    return model.to("meta").eval()  # buffers a loader left on the CPU, if any
+
+
+def _checkpoint_config(p: Path):
+    """The HF config of a checkpoint directory or a config.json (a pruned output directory is refused)."""
+    config_path = p if p.is_file() else p / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(p)!r} has no config.json; pass a HF model directory, a config.json or a "
+                                ".gguf file")
+    refuse_pruned_dir(p)
+    return transformers.AutoConfig.from_pretrained(config_path if p.is_file() else p)
+
+
+def _has_weights(p: Path) -> bool:
+    return p.is_dir() and any((p / f).exists() for f in WEIGHT_FILES)
+
+
+def _from_pretrained(p: Path, cls, **kwargs):
+    """`cls.from_pretrained(p)`, refusing unreadable weight files and checkpoints that miss the encoder's."""
+    try:
+        model, info = cls.from_pretrained(p, output_loading_info=True, **kwargs)
+    except SafetensorError as e:
+        raise CorruptWeightsError(
+            f"the weights in {str(p)!r} cannot be read ({e}): model.safetensors is truncated or not a "
+            "safetensors file; re-download or re-save the model"
+        ) from e
+    _check_loaded(p, model, info)
+    return model
 
 
 def load_empty_encoder(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -271,6 +314,10 @@ def describe_source(path: str | Path) -> dict:
     }
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model", "vocab.txt",
+                   "vocab.json", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path: str | Path):
     p = resolve_model_path(path)
     if is_gguf(p):
@@ -278,7 +325,8 @@ def load_tokenizer(path: str | Path):
             return transformers.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         except (OSError, ValueError, TypeError, KeyError):
             return None
-    if p.is_file():
+    if p.is_file() or not any((p / f).exists() for f in TOKENIZER_FILES):
+        # transformers 5 builds a T5 tokenizer from a bare config.json that maps every word to <unk>: never that
         return None
     try:
         return transformers.AutoTokenizer.from_pretrained(p)

@@ -61,17 +61,28 @@ def find_layer_list(model: nn.Module) -> str:
 
 @contextlib.contextmanager
 def _trace_settings(model: nn.Module):
-    """Eval mode and config flags that make the graph return every output a pipeline may read."""
-    cfg = model.config
-    saved = {k: getattr(cfg, k, None) for k in ("output_hidden_states", "use_cache", "return_dict")}
+    """Eval mode and config flags that make the graph return every output a pipeline may read.
+
+    The flags go on every config in the model, not only `model.config`: UMT5EncoderModel and MT5EncoderModel
+    give their encoder stack a deep copy of the config, and the stack's `capture_outputs` reads
+    `output_hidden_states` from its own copy (T5EncoderModel shares one config object, hence T5 worked)."""
+    keys = ("output_hidden_states", "use_cache", "return_dict")
+    configs = {id(model.config): model.config}
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict"):  # a PretrainedConfig
+            configs.setdefault(id(cfg), cfg)
+    saved = [(cfg, {k: getattr(cfg, k, None) for k in keys}) for cfg in configs.values()]
     was_training = model.training
-    cfg.output_hidden_states, cfg.use_cache, cfg.return_dict = True, False, True
+    for cfg, _ in saved:
+        cfg.output_hidden_states, cfg.use_cache, cfg.return_dict = True, False, True
     model.eval()
     try:
         yield
     finally:
-        for k, v in saved.items():
-            setattr(cfg, k, v)
+        for cfg, values in saved:
+            for k, v in values.items():
+                setattr(cfg, k, v)
         model.train(was_training)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -114,6 +114,49 @@ def select_layers(model: nn.Module, config: MagnitudeConfig) -> list[Layer]:
             if not any(fnmatch.fnmatchcase(n, p) for n in (layer.name, *layer.aliases) for p in config.exclude)
         ]
     return layers
+
+
+def layers_read(layers: Sequence[Layer], forward: Callable[[], object]) -> list[Layer]:
+    """The `layers` whose weights the outputs of `forward()` depend on (tensors, or tuples / lists / dicts of them).
+
+    One forward that records autograd for these weights only, then a walk of its graph back from the outputs:
+    exact data flow, not a numerical test. A layer past the hidden state a pipeline reads (for hidden_states[-2],
+    the last decoder layer), an LM head or a vision tower never reaches the outputs, so it is left out.
+    """
+    weights = _unique(layer.weight for layer in layers if layer.weight.layout == torch.strided)
+    saved = [w.requires_grad for w in weights]
+    reached: set[int] = set()
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            out = forward()
+        stack = [t.grad_fn for t in _output_tensors(out)]
+        seen: set = set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf, i.e. one of the weights
+            if variable is not None:
+                reached.add(id(variable))
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+        del out
+    finally:
+        for w, flag in zip(weights, saved):
+            w.requires_grad_(flag)
+    return [layer for layer in layers if id(layer.weight) in reached]
+
+
+def _output_tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _output_tensors(item)]
+    return []
 
 
 # sparsity accounting -----------------------------------------------------------------------------------

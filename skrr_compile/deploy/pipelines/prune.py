@@ -159,6 +159,7 @@ def prune_pipeline(
     out_dir: str | Path | None = None,
     overrides: Mapping[str, dict] | None = None,
     pipeline_kwargs: Mapping | None = None,
+    config=None,
     **search_kwargs,
 ) -> PipelinePlans:
     """Search a plan for each (or the named, or "all") text encoder(s) of `pipe` and swap in the pruned encoders.
@@ -166,8 +167,10 @@ def prune_pipeline(
     The discrepancy of each encoder covers every output the pipeline reads from it, through the module that
     consumes it (see the module docstring); by default every encoder but those a family leaves out (HiDream's
     CLIPs; `describe_pipeline(pipe).encoders[name].default`). `sparsity` is per encoder (a float, or a dict per component).
-    `prompts`: a list, or a .txt/.jsonl/.tsv/.csv file. Further keyword arguments go to
-    `skrr_compile.search` (e.g. beam, chunk_size); `overrides[component]` to that encoder's search only.
+    `prompts`: a list, or a .txt/.jsonl/.tsv/.csv file. `config`: a `SearchConfig` every encoder's search
+    starts from (its sparsity and method are replaced by this call's; what the pipeline reads, below, by the
+    spec's); further keyword arguments are options of `skrr_compile.search` (e.g. beam, chunk_size) that change
+    it; `overrides[component]` those of that encoder's search only. Each report keeps its config (`"config"`).
     Returns component -> Plan (with `.reports`); `apply_plans=False` leaves the pipeline dense.
     `pipeline_kwargs`: arguments the pipeline will be called with that change what it encodes (Sana's
     `complex_human_instruction`), so that the search scores the same text.
@@ -196,7 +199,8 @@ def prune_pipeline(
         if out_dir is not None:
             kwargs["out_dir"] = Path(out_dir) / name
         with _HiddenStatesOn(encoder, es.hidden_states):
-            result = search(encoder, es.calibration_tokenizer(pipe), prompts, sparsity=target, method=method, **kwargs)
+            result = search(encoder, es.calibration_tokenizer(pipe), prompts, config, sparsity=target, method=method,
+                            **kwargs)
         plans[name] = result.plan
         reports[name] = {**dict(result.report or {}), "reads": [o.describe() for o in es.outputs]}
     if apply_plans:
