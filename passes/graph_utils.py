@@ -138,7 +138,8 @@ def unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Tensors deduplicated by storage (by identity on the meta device, which has no storage)."""
     seen, out = set(), []
     for t in tensors:
-        key = id(t) if t.device.type == "meta" else (t.device, t.untyped_storage().data_ptr())
+        subclass = type(t) not in (torch.Tensor, torch.nn.Parameter)  # e.g. quantized: no storage of its own
+        key = id(t) if t.device.type == "meta" or subclass else (t.device, t.untyped_storage().data_ptr())
         if key not in seen:
             seen.add(key)
             out.append(t)

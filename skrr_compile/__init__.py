@@ -18,6 +18,7 @@ discrepancy, staged runner, Skrr and baselines), `magnitude`, `deploy` (ONNX, to
 from skrr_compile.blocksearch.calibration import Calibration
 from skrr_compile.blocksearch.config import SearchConfig
 from skrr_compile.blocksearch.errors import SearchError
+from skrr_compile.blocksearch.heal import heal
 from skrr_compile.blocksearch.run import SearchResult, search
 from skrr_compile.core.encoder import PrunedEncoder, apply
 from skrr_compile.core.plan import Plan, PlanError
@@ -37,10 +38,13 @@ __all__ = [
     "magnitude_prune",
     "export_onnx",
     "prune_pipeline",
+    "quantize",
+    "heal",
     # configs and results
     "Plan",
     "SearchConfig",
     "MagnitudeConfig",
+    "QuantConfig",
     "Calibration",
     "SearchResult",
     "EncoderGraph",
@@ -67,6 +71,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "export_onnx": "skrr_compile.deploy.onnx",
+    "quantize": "skrr_compile.deploy.quantize",
+    "QuantConfig": "skrr_compile.core.quantize",
     "backend": "skrr_compile.deploy.compile_backend",
     "prune_pipeline": "skrr_compile.deploy.pipelines",
     "apply_to_pipeline": "skrr_compile.deploy.pipelines",

@@ -267,8 +267,26 @@ def test_compare_on_two_ranks_continues_a_one_process_run_to_the_identical_table
             if key not in ("seconds", "block_evals"):  # block_evals: the work of all ranks together
                 assert a[m][key] == b[m][key], (m, key)
         assert a[m]["heldout_discrepancy"] > 0
-    assert "laco is not distributed yet: every rank ran it whole (no rank waits meanwhile)" in (tmp_path / "mix" / "report.md").read_text()
+    assert a["laco"]["skip"]  # LaCo merged layers: each rank scored its merges on its shard of the chunks
+    assert "not distributed" not in (tmp_path / "mix" / "report.md").read_text()
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "mix").iterdir())
+
+
+def test_laco_resumed_on_two_ranks_gives_the_merges_of_one_process(tmp_path):
+    import torch
+
+    whole = single(["laco", str(tmp_path / "whole.pt")])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    state = tmp_path / "state"  # one process stops at the 2nd merge; 2 ranks score it (rank 0 broadcasts
+    stopped = single(["laco", str(tmp_path / "x.pt"), str(state)], env={"SKRR_TEST_STOP_AFTER": "2"})  # the 1st)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    results, _ = launch(["laco", str(tmp_path / "resumed.pt"), str(state), "--resume"])
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    a, b = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "resumed.pt")
+    assert a["plan"] == b["plan"] and a["log"] == b["log"] and (a["world"], b["world"]) == (1, 2)
+    assert [e["accepted"] for e in json.loads(a["log"])] == [True, False]
+    assert a["merged"].keys() == b["merged"].keys() and a["merged"]
+    assert all(torch.equal(a["merged"][k], b["merged"][k]) for k in a["merged"])
 
 
 def test_a_refused_compare_out_stops_every_rank_at_once(tmp_path):
@@ -317,7 +335,7 @@ def test_eval_on_two_ranks_prints_the_report_of_one_process(tmp_path):
     pruned.info["source"] = str(d)
     skrr.save(pruned, tmp_path / "pruned", tokenizer=load_tokenizer(d))
     args = ["cli", "eval", str(tmp_path / "pruned"), "--prompts", "builtin-heldout", "--limit", "10",
-            "--chunk-size", "4"]
+            "--chunk-size", "4", "--json"]
     one = single(args)
     assert one.returncode == 0, one.stderr[-2000:]
     results, _ = launch(args)

@@ -84,9 +84,10 @@ def test_fast_search_equals_naive_on_real_minilm():
     from skrr_compile.core.checkpoints import load_encoder, load_tokenizer
 
     model, tok = load_encoder("builtin"), load_tokenizer("builtin")
-    prompts = read_prompts("builtin")[:8]
+    prompts = read_prompts("builtin")[:4]  # two chunks; 7% takes three beam steps and re-uses two blocks
     cal = tokenize(tok, prompts, chunk_size=2)
-    fast, scorer = assert_same_as_naive(model, cal, sparsity=0.1, beam=2)
+    fast, scorer = assert_same_as_naive(model, cal, sparsity=0.07, beam=2)
+    assert len(fast.plan.order) >= 3 and fast.plan.reuse
     assert fast.report["counter"]["block_evals"] * 2 < scorer.block_evals
 
 

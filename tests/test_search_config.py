@@ -26,6 +26,9 @@ CONFIGS = [
      "min_tokens": 0, "max_tokens": 250},
     {"sparsity": 0.1, "dtype": torch.bfloat16, "reference": "disk", "cache_gb": 0.5, "host_cache_gb": 2,
      "offload": "disk", "device": torch.device("cpu"), "device_budget_gb": 1.5, "weights_path": "/ckpt"},
+    {"sparsity": 0.3, "heal": "lstsq"},
+    {"sparsity": 0.4, "method": "replaceme", "heal": "cosine", "heal_ridge": 0.01, "heal_steps": 20, "heal_lr": 1e-4,
+     "heal_tokens": 4096},
 ]
 
 
@@ -86,7 +89,7 @@ def test_unknown_names_are_refused_with_the_accepted_ones():
     with pytest.raises(SearchError, match=r"unknown options \['beams'\] in group 'target'"):
         SearchConfig.from_dict({"target": {"sparsity": 0.3, "beams": 2}})
     with pytest.raises(SearchError, match="unknown search config groups"):
-        SearchConfig.from_dict({"target": {"sparsity": 0.3}, "heal": {}})
+        SearchConfig.from_dict({"target": {"sparsity": 0.3}, "healing": {}})
 
 
 def _calibration():

@@ -78,6 +78,7 @@ def _sha256_file(path: Path) -> str:
 def write_tensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """A safetensors file written to a temporary sibling and moved into place; returns its sha256."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as atomic_write_text (the API's out_dir may not exist yet)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -10,7 +10,9 @@ that the CLI, `prune_pipeline`, the resume key and the report read one object in
     SearchConfig.from_json(cfg.to_json()) == cfg
 
 Groups: `target` (what to remove and how to search), `reads` (what the denoiser reads), `calibration` (how the
-prompts are tokenized and chunked), `memory` (dtype, devices, caches, offload).
+prompts are tokenized and chunked), `memory` (dtype, devices, caches, offload), `heal` (the linear maps fitted
+to the runs of skipped sub-blocks of the final plan: `heal="lstsq"`), `quantize` (quantization-aware search:
+candidates scored with quantized weights, `quantize="int8"`; off by default).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.evaluator import LEVERS  # the exact speed levers
 from skrr_compile.blocksearch.reference import PLACEMENTS  # where the projected dense reference lives
 
-METHODS = ("skrr", "skrr-skip", "finercut", "shortgpt", "laco")
+METHODS = ("skrr", "skrr-skip", "finercut", "shortgpt", "laco", "replaceme")
+HEAL_METHODS = ("lstsq", "cosine")
 OFFLOAD_MODES = ("none", "cpu", "disk")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 READS = ("mask", "all")
@@ -176,7 +179,59 @@ class MemoryConfig:
         return DTYPES[self.dtype] if self.dtype is not None else None
 
 
-GROUPS = {"target": TargetConfig, "reads": ReadConfig, "calibration": CalibrationConfig, "memory": MemoryConfig}
+@dataclass(frozen=True)
+class HealConfig:
+    """Healing of the plan a search returns (blocksearch/heal.py): one d x d map per run of skipped sub-blocks,
+    merged into the last kept sub-block's output projection. Off by default (method replaceme heals always)."""
+
+    heal: str | None = None  # None | "lstsq" | "cosine" (gradient steps on a cosine loss, from lstsq)
+    heal_ridge: float = 1e-4  # ridge, relative to the mean diagonal of f^T f
+    heal_steps: int = 100  # cosine: full-batch Adam steps
+    heal_lr: float = 1e-3  # cosine: Adam learning rate
+    heal_tokens: int = 32768  # cosine and post-LN: calibration tokens kept in memory for gradient steps
+
+    def __post_init__(self):
+        if self.heal not in (None, *HEAL_METHODS):
+            raise SearchError(f"heal must be one of {', '.join(HEAL_METHODS)} (or None), got {self.heal!r}")
+        _number("heal_ridge", self.heal_ridge, optional=False)
+        _set(self, "heal_ridge", float(self.heal_ridge))
+        _positive_int("heal_steps", self.heal_steps, low=0, optional=False)
+        _number("heal_lr", self.heal_lr, optional=False)
+        _positive_int("heal_tokens", self.heal_tokens, optional=False)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Quantization-aware search: every candidate is scored with quantized weights against the dense
+    full-precision reference (core/quantize.py QuantConfig: scheme, group size, embeddings, keep-list). Off
+    (None) by default."""
+
+    quantize: str | None = None  # int8 | int8-dynamic | fp8 | int4
+    group_size: int = 32
+    quantize_embeddings: bool = False
+    quantize_keep: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        keep = (self.quantize_keep,) if isinstance(self.quantize_keep, str) else tuple(self.quantize_keep or ())
+        _set(self, "quantize_keep", keep)
+        if self.quantize is not None:
+            try:
+                self.quant_config()
+            except ValueError as e:
+                raise SearchError(str(e)) from e
+
+    def quant_config(self):
+        """The core QuantConfig, or None when off."""
+        if self.quantize is None:
+            return None
+        from skrr_compile.core.quantize import QuantConfig
+
+        return QuantConfig(self.quantize, group_size=self.group_size, embeddings=self.quantize_embeddings,
+                           keep=self.quantize_keep)
+
+
+GROUPS = {"target": TargetConfig, "reads": ReadConfig, "calibration": CalibrationConfig, "memory": MemoryConfig,
+          "heal": HealConfig, "quantize": QuantizeConfig}
 # flat option name -> its group (names are unique across the groups)
 OPTION_GROUP = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
@@ -187,6 +242,8 @@ class SearchConfig:
     reads: ReadConfig = ReadConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     memory: MemoryConfig = MemoryConfig()
+    heal: HealConfig = HealConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
 
     def __post_init__(self):
         for name, cls in GROUPS.items():
@@ -194,6 +251,8 @@ class SearchConfig:
                 raise SearchError(f"SearchConfig.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         if self.target.method == "laco" and self.memory.offload == "disk":
             raise SearchError("LaCo merges weights in memory: use offload='cpu' or 'none' for method laco")
+        if (self.heal.heal is not None or self.target.method == "replaceme") and self.memory.offload == "disk":
+            raise SearchError("healing merges maps into weights in memory: use offload='cpu' or 'none' with heal")
 
     # --- flat views ----------------------------------------------------------------------------------
     @classmethod
@@ -260,8 +319,13 @@ class SearchConfig:
         the calibration tokens, the projection and the selection, added by `search`). The memory options
         and the levers change the work done, never the plan: a search may resume with other ones."""
         t = self.target
-        return {"sparsity": t.sparsity, "method": t.method, "beam": t.width, "read": self.reads.read,
-                "laco": t.laco_params}
+        fields = {"sparsity": t.sparsity, "method": t.method, "beam": t.width, "read": self.reads.read,
+                  "laco": t.laco_params}
+        if self.heal.heal is not None or t.method == "replaceme":  # only when set: older states stay resumable
+            fields["heal"] = dataclasses.asdict(self.heal)
+        if self.quantize.quantize is not None:  # only when set, likewise
+            fields["quantize"] = self.quantize.quant_config().to_dict()
+        return fields
 
 
 def _check_names(options: dict) -> None:

@@ -27,6 +27,12 @@ def laco(graph: EncoderGraph, ev: Evaluator, target: int, params: dict,
     base layer, I = how far the base moves down after a merge, T = output-cosine threshold.
     With `ckpt`, the state (and the merged weights, in a safetensors file next to it) is written after every
     step, and a resumed search continues from the last one.
+
+    Distributed (`ev.group`): every rank computes the same merges (elementwise arithmetic on the same
+    weights: bit-identical) and scores them on its own shard of the prompt chunks; the per-chunk cosine
+    sums are gathered and added in global chunk order, so every rank takes the very decisions, and
+    returns the very merged weights, of one process. On resume, rank 0 reads the merged weights and
+    broadcasts them.
     """
     p = {**LACO_DEFAULTS, **params}
     r = ev.runner
@@ -34,6 +40,7 @@ def laco(graph: EncoderGraph, ev: Evaluator, target: int, params: dict,
     layers_path = graph.layers_path
     gm = graph.graph_module
     names = [n for n, _ in gm.named_parameters()]
+    known = set(names)
     layer_params = {
         layer: [n for n in names if n.startswith(f"{layers_path}.{layer}.")] for layer in range(n_layers)
     }
@@ -47,7 +54,9 @@ def laco(graph: EncoderGraph, ev: Evaluator, target: int, params: dict,
     if saved:  # resume: the step after the last one written
         device = next(iter(gm.parameters())).device
         base, present, skip, log = saved["base"], list(saved["present"]), set(saved["skip"]), list(saved["log"])
-        overrides = ckpt.load_tensors("laco", device)
+        g = ev.group
+        overrides = ckpt.load_tensors("laco", device) if g.is_writer else None
+        overrides = {k: v.to(device) for k, v in g.broadcast_object(overrides).items()}
         if sorted(overrides) != sorted(saved["merged"]):
             raise SearchError(f"{ckpt.path}: the merged LaCo weights do not match the state; use a new --out")
     while base >= int(p["L"]) - 1 and removed_by_skip(graph, skip, memo) < target:
@@ -65,14 +74,15 @@ def laco(graph: EncoderGraph, ev: Evaluator, target: int, params: dict,
             merged = theta.clone()
             for f in following:
                 other = name.replace(f"{layers_path}.{base}.", f"{layers_path}.{f}.", 1)
+                if other not in known:  # a parameter only the base layer has (T5 block 0's position bias)
+                    continue
                 merged += overrides.get(other, fetch_attr(gm, other)).detach() - theta
             trial[name] = merged
         trial_skip = skip | {2 * f + s for f in following for s in (0, 1)}
         if len(trial_skip) >= len(graph.blocks):
             break
         with r.overridden(trial):
-            outs, _ = ev.outputs(Config(frozenset(trial_skip)))
-            cos = _mean_cosine(ev, outs)
+            cos = _mean_cosine(ev, Config(frozenset(trial_skip)))
         accepted = cos > p["T"]
         log.append({"base": base, "merged": following, "cosine": cos, "accepted": accepted})
         if accepted:
@@ -133,13 +143,20 @@ def merged_weights(plan: Plan, path: str | Path, device: str | torch.device = "c
     return tensors
 
 
-def _mean_cosine(ev: Evaluator, outs) -> float:
-    total, n = 0.0, 0
-    for k, out in enumerate(outs):
+def _mean_cosine(ev: Evaluator, config: Config) -> float:
+    """Mean output cosine to the dense reference over the read tokens of every rank's chunks: each chunk's
+    sum is gathered and the sums are added in global chunk order (as one process adds them)."""
+    parts = []
+    for k in (c for c in ev.chunks if c >= 0):  # the null prompt is not part of LaCo's criterion
+        out = ev.runner.forward(config, None, None, ctx=ev.context(k))
         f = ev.disc.project(0, ev.disc.features(out)[0]).double()
         ref = ev.disc.reference[k][0].double()
         cos = torch.nn.functional.cosine_similarity(f, ref, dim=-1)
         m = ev.disc._mask_for(f, ev.disc.masks[k])
-        total += float(cos[m].sum())
-        n += int(m.sum())
+        parts.append((ev.global_id[k], float(cos[m].sum()), int(m.sum())))
+        del out, f, ref, cos
+    total, n = 0.0, 0
+    for _, s, count in sorted(p for rank_parts in ev.group.gather_objects(parts) for p in rank_parts):
+        total += s
+        n += count
     return total / max(n, 1)

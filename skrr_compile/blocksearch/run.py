@@ -17,6 +17,7 @@ from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
 from skrr_compile.blocksearch.distributed import current_group
 from skrr_compile.blocksearch.errors import SearchError
 from skrr_compile.blocksearch.evaluator import Evaluator
+from skrr_compile.blocksearch.heal import heal_plan, replaceme_span
 from skrr_compile.blocksearch.laco import LACO_DEFAULTS, laco
 from skrr_compile.blocksearch.memory import chunk_shapes_of, measured_peak, plan_memory
 from skrr_compile.blocksearch.offload import OffloadBudgetError, SafetensorsSource, WeightStore, source_digest
@@ -112,6 +113,11 @@ def search(
     dtype = resolve_dtype(m.dtype, device)
     torch.manual_seed(t.seed)
     model, graph = in_dtype(model, graph, dtype)
+    quant = config.quantize.quant_config()
+    if quant is not None:  # quantization-aware: F.linear / F.embedding calls that torchao tensors dispatch
+        from skrr_compile.blocksearch.quantized import functional_graph
+
+        graph = functional_graph(graph, quant, m.offload, device)
     target = check_sparsity(graph, sparsity)
     c, r = config.calibration, config.reads
     calibration = prepare_calibration(tokenizer, prompts, max_length=c.max_length, padding=c.padding,
@@ -166,6 +172,10 @@ def search(
                    reference=reference, levers=levers, reference_path=(Path(out_dir) / (".reference.safetensors" if group.world == 1 else
                                                      f".reference.rank{group.rank}.safetensors")) if out_dir else None)
     report: dict = {"method": method, "target_sparsity": sparsity, "beam": t.width, "config": config.to_dict()}
+    if quant is not None:  # the reference above is dense full precision; every candidate now runs quantized
+        from skrr_compile.blocksearch.quantized import quantize_evaluator
+
+        report["quantization"] = quantize_evaluator(ev, graph, quant)
     overrides: dict = {}
     if method in ("skrr", "skrr-skip", "finercut"):
         best, history = beam_skip(graph, ev, target, 1 if method == "finercut" else beam, ckpt, progress)
@@ -184,6 +194,10 @@ def search(
         skip, ranking = shortgpt(graph, ev, target)
         plan = Plan(skip=skip, method=method, fingerprint=graph.fingerprint)
         report["layer_ranking"] = ranking
+    elif method == "replaceme":  # ReplaceMe: one span of whole layers, healed below with one lstsq map
+        skip, span = replaceme_span(graph, ev, target)
+        plan = Plan(skip=skip, method=method, fingerprint=graph.fingerprint)
+        report["replaceme"] = span
     else:
         skip, overrides, log = laco(graph, ev, target, laco_params or {}, ckpt)
         plan = Plan(skip=skip, method=method, fingerprint=graph.fingerprint,
@@ -216,6 +230,14 @@ def search(
         report["calibration_report"] = ev.report(Config(frozenset(plan.skip), tuple(sorted(plan.reuse.items())))).to_dict()
     if "skip_phase" in report:
         report["skip_phase"]["calibration_report"] = ev.report(skip_only).to_dict()
+    heal_method = config.heal.heal or ("lstsq" if method == "replaceme" else None)
+    if heal_method:  # the final plan's runs of skipped sub-blocks, each healed by a map merged into kept weights
+        plan, overrides, heal_report = heal_plan(graph, ev, plan, overrides, config.heal, method=heal_method,
+                                                 progress=progress)
+        report["heal"] = {k: v for k, v in heal_report.items() if k != "calibration_report_before"}
+        report["heal"]["share_of_seconds"] = heal_report["seconds"] / (report["seconds"] + heal_report["seconds"])
+        report["seconds"] += heal_report["seconds"]
+        report["calibration_report"] = heal_report["calibration_report"]
     per_rank = group.gather_objects({"rank": group.rank, "seconds": time.perf_counter() - t0,
                                      "chunks": len(ev.chunks), **runner.counter.to_dict()})
     report["distributed"] = {"world_size": group.world, "ranks": per_rank}
@@ -230,6 +252,8 @@ def search(
         print(f"measured peak device memory: {peak['bytes'] / (1 << 30):.2f} GiB ({peak['what']}; "
               f"estimated {memory.peak / (1 << 30):.2f} GiB)", flush=True)
     result = SearchResult(plan, report, overrides, weights if offload == "disk" else None)
+    if heal_method and overrides:  # the healed weights are part of the finished state (read back on resume)
+        ckpt.save_tensors("laco", overrides)
     ckpt.save(phase="done", plan=plan.to_dict(), report=report)
     return result
 

@@ -220,7 +220,7 @@ class StagedRunner:
         return self.weights.get(node.target, t)
 
     @staticmethod
-    def _run(segment: _Segment, env: dict, lookup) -> None:
+    def _run(segment: _Segment, env: dict, lookup, capture: dict | None = None) -> None:
         for n, frees in zip(segment.nodes, segment.frees):
             if n.op == "get_attr":
                 env[n] = lookup(n)
@@ -229,6 +229,8 @@ class StagedRunner:
                 kwargs = fx.node.map_arg(n.kwargs, lookup)
                 env[n] = n.target(*args, **kwargs)
                 del args, kwargs
+                if capture is not None and n.name in capture:  # healing reads a value inside the stage
+                    capture[n.name] = env[n]
             for a in frees:
                 env.pop(a, None)
 
@@ -258,8 +260,9 @@ class StagedRunner:
         return self._reuse_cache[key]
 
     @torch.no_grad()
-    def stage(self, k: int, h: torch.Tensor, ctx: Mapping, mode="keep") -> torch.Tensor:
-        """s_{k+1} from s_k = h: mode 'keep', 'skip', or j (re-use sub-block j's weights)."""
+    def stage(self, k: int, h: torch.Tensor, ctx: Mapping, mode="keep", capture: dict | None = None) -> torch.Tensor:
+        """s_{k+1} from s_k = h: mode 'keep', 'skip', or j (re-use sub-block j's weights). `capture`: node
+        names -> None, filled with the values those nodes of the stage compute (healing's f)."""
         s_k, s_next = self.split.boundaries[k], self.split.boundaries[k + 1]
         skip = mode == "skip"
         swap = {} if mode in ("keep", "skip") else self._reuse_attrs(k, mode)
@@ -281,7 +284,7 @@ class StagedRunner:
                 return h
             raise RuntimeError(f"stage {k} reads {a.name}, which is neither in the stage nor a boundary")
 
-        self._run(self._stage_segment(k, skip), env, lookup)
+        self._run(self._stage_segment(k, skip), env, lookup, capture)
         if not skip:
             self.counter.block_evals += 1
         out = lookup(s_next)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from skrr_compile.blocksearch.laco import merged_weights
 from skrr_compile.cli.main import CLIError, check_out_dir, print_json
+from skrr_compile.cli.quantize import deployed_lines, deployed_table
 from skrr_compile.core.checkpoints import (
     load_encoder,
     load_meta_encoder,
@@ -42,9 +43,11 @@ def _inspect_pruned(path: Path, as_json: bool) -> int:
         i = b["index"]
         b["status"] = "skipped" if i in plan.skip else (f"re-uses {plan.reuse[i]}" if i in plan.reuse else "kept")
     dense, kept = meta.get("dense_params"), meta.get("params")
+    deployed = _pruned_deployed(path, meta, plan)
     if as_json:
         print_json({"pruned": True, "architecture": meta.get("architecture"), "dense_params": dense,
-                    "params": kept, "skip": list(plan.skip), "reuse": plan.reuse, "blocks": blocks})
+                    "params": kept, "skip": list(plan.skip), "reuse": plan.reuse, "blocks": blocks,
+                    "deployed_bytes": deployed, "quantization": meta.get("quantization", {}).get("scheme")})
         return 0
     removed = f" ({100 * (1 - kept / dense):.2f}% removed)" if dense and kept is not None else ""
     rows = [f"pruned {meta.get('architecture')}: {kept:,} of {dense:,} params kept{removed}, "
@@ -53,8 +56,22 @@ def _inspect_pruned(path: Path, as_json: bool) -> int:
     rows.append(f"{'idx':>4} {'kind':<5} {'layer':>5} {'params':>14}  {'status':<12} path")
     for b in blocks:
         rows.append(f"{b['index']:>4} {b['kind']:<5} {b['layer']:>5} {b['params']:>14,}  {b['status']:<12} {b['path']}")
-    print("\n".join(rows))
+    if meta.get("quantization"):
+        rows.append(f"saved quantized: {meta['quantization']['scheme']}, {meta.get('bytes'):,} bytes in memory")
+    print("\n".join(rows + deployed_lines(deployed)))
     return 0
+
+
+def _pruned_deployed(path: Path, meta: dict, plan: Plan) -> dict[str, int]:
+    """The exact deployed bytes per scheme of a pruned directory's model, rebuilt on the meta device."""
+    import torch
+    import transformers
+
+    from skrr_compile.core.rebuild import build_graph_module
+
+    gm = build_graph_module(transformers.AutoConfig.from_pretrained(path), meta["architecture"], plan,
+                            dtype=getattr(torch, meta.get("dtype", "float32")))
+    return deployed_table(gm, (meta.get("quantization") or {}).get("group_size", 32))
 
 
 def cmd_inspect(args) -> int:
@@ -71,10 +88,11 @@ def cmd_inspect(args) -> int:
                 "total_params": graph.total_params,
                 "fingerprint": graph.fingerprint,
                 "blocks": block_table(graph.blocks),
+                "deployed_bytes": deployed_table(graph.graph_module),
             }
         )
     else:
-        print(graph.table())
+        print("\n".join([graph.table(), *deployed_lines(deployed_table(graph.graph_module))]))
     return 0
 
 

@@ -77,10 +77,12 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory for the pruned pipeline")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--spec", default=None, help=SPEC_HELP)
     p.set_defaults(func=cmd_prune_pipeline)
 
     p = sub.add_parser("inspect-pipeline", help="show a pipeline's text encoders, what it reads and the consumers")
     p.add_argument("pipeline_dir")
+    p.add_argument("--spec", default=None, help=SPEC_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect_pipeline)
 
@@ -184,6 +186,18 @@ def _encoders(value: str | None) -> list[str] | str | None:
     return names
 
 
+SPEC_HELP = ("read the pipeline's text encoders as this family does (e.g. flux), for a pipeline class skrr-compile "
+             "does not resolve by itself (its error lists the families)")
+
+
+def _explicit_spec(pipe, family: str | None) -> None:
+    """--spec: the family the pipeline is read as; it sticks to the pipeline for apply, search and save."""
+    if family is not None:
+        from skrr_compile.deploy.pipelines.specs import describe_pipeline
+
+        describe_pipeline(pipe, spec=family)
+
+
 def cmd_prune_pipeline(args) -> int:
     from skrr_compile.deploy.pipelines.prune import apply_to_pipeline, prune_pipeline
     from skrr_compile.deploy.pipelines.storage import encoder_sizes, save_pipeline
@@ -199,6 +213,7 @@ def cmd_prune_pipeline(args) -> int:
     if plans_arg is not None and not group.is_writer:  # nothing to compute together: rank 0 applies and saves
         return 0
     pipe = _load_pipeline(args)
+    _explicit_spec(pipe, args.spec)
     encoders = _encoders(args.encoders)
     if plans_arg is not None:
         if isinstance(encoders, list):
@@ -249,7 +264,7 @@ def cmd_inspect_pipeline(args) -> int:
     from skrr_compile.deploy.pipelines.storage import encoder_sizes
 
     pipe = _load_pipeline(args)
-    spec = describe_pipeline(pipe)
+    spec = describe_pipeline(pipe, spec=args.spec)
     sizes = encoder_sizes(pipe)
     if args.json:
         print_json({**spec.to_dict(), "sizes": sizes})

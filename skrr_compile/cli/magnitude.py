@@ -301,12 +301,11 @@ def _pipeline_specs(args, path: Path, targets) -> tuple[object | None, dict]:
         from diffusers import DiffusionPipeline
 
         from skrr_compile.deploy.pipelines.encoder import (
-            SUPPORTED_PIPELINES,
             TEXT_ENCODERS,
             NoTextEncoderError,
             UnsupportedPipelineError,
         )
-        from skrr_compile.deploy.pipelines.specs import describe_pipeline
+        from skrr_compile.deploy.pipelines.specs import describe_pipeline, resolve_family
     except ImportError as e:
         _say(f"note: {e}; text encoders are pruned whole (every Linear layer) and calibrated without the "
              "pipeline's template")
@@ -316,7 +315,7 @@ def _pipeline_specs(args, path: Path, targets) -> tuple[object | None, dict]:
     import diffusers
 
     cls = getattr(diffusers, json.loads((path / "model_index.json").read_text()).get("_class_name", ""), None)
-    if not isinstance(cls, type) or not any(c.__name__ in SUPPORTED_PIPELINES for c in cls.__mro__):
+    if resolve_family(cls) is None:  # by what the class does (variants of a family included), not its name
         return None, {}
     refuse_pruned_dir(path)
     for name in targets:

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "skrr_compile.cli.search",
     "skrr_compile.cli.deploy",
     "skrr_compile.cli.magnitude",
+    "skrr_compile.cli.quantize",
 )
 
 

@@ -33,6 +33,13 @@ from skrr_compile.blocksearch.run import (
 from skrr_compile.blocksearch.selectors import output_selector, parse_layers, with_hidden_states
 from skrr_compile.blocksearch.target import check_sparsity
 from skrr_compile.cli.main import CLIError, add_dist_timeout, agree, check_out_dir, distributed, join_group
+from skrr_compile.cli.quantize import (
+    add_quant_args,
+    deployed_lines,
+    deployed_table,
+    estimated_lines,
+    quant_config,
+)
 from skrr_compile.core.checkpoints import (
     describe_source,
     load_empty_encoder,
@@ -78,7 +85,13 @@ def _search_args(p) -> None:
     p.add_argument("--projection-width", type=int, help="--dry-run: width of the caption projection (PixArt-Sigma: 1152)")
     p.add_argument("--resume", action="store_true", help="continue the search state in --out")
     p.add_argument("--cache-gb", type=float, default=4.0, help="device memory for cached boundary states")
+    p.add_argument("--heal", choices=["lstsq", "cosine"],
+                   help="heal the final plan: one linear map per run of skipped sub-blocks, merged into kept weights")
+    p.add_argument("--heal-ridge", type=float, default=1e-4, help="healing ridge, relative to the mean diagonal of f^T f")
     _memory_args(p)
+    add_quant_args(p, aware="prune: score every candidate with the quantized weights against the dense "
+                   "full-precision reference (quantization-aware search); without it prune searches in full "
+                   "precision and quantizes the plan's model after. search --quantize is always aware")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -111,11 +124,23 @@ def search_config(args, **changes) -> SearchConfig:
                        host_cache_gb=args.host_cache_gb, offload=args.offload, device=_device(args),
                        device_budget_gb=args.device_budget_gb,
                        weights_path=resolve_model_path(args.model) if args.offload == "disk" else None)
+    if getattr(args, "heal", None):
+        options.update(heal=args.heal, heal_ridge=args.heal_ridge)
+    if getattr(args, "quantize", None) and _quantize_aware(args):
+        options.update(quantize=args.quantize, group_size=args.group_size,
+                       quantize_embeddings=args.quantize_embeddings, quantize_keep=tuple(args.keep))
     options.update(changes)
     try:
         return SearchConfig.from_kwargs(**options)
     except SearchError as e:
         raise CLIError(str(e)) from e
+
+
+def _quantize_aware(args) -> bool:
+    """search --quantize S / prune --quantize S --quantize-aware: candidates scored with quantized weights."""
+    if getattr(args, "quantize_aware", False) and not getattr(args, "quantize", None):
+        raise CLIError("--quantize-aware needs --quantize SCHEME (int8, int8-dynamic, fp8, int4)")
+    return bool(getattr(args, "quantize_aware", False) or getattr(args, "search_quantize_aware", False))
 
 
 def _device(args) -> str:
@@ -158,13 +183,16 @@ def dry_run(args) -> int:
                        cache_bytes=int(args.cache_gb * (1 << 30)), beam=1 if args.method == "finercut" else args.beam,
                        reference=args.reference, offload=args.offload, device=str(device), note=note)
     print("\n".join(plan.lines()))
+    # the deployed size per scheme (exact bytes of the dense model; the pruned one's at the target, about)
+    cfg = quant_config(args)
+    print("\n".join(estimated_lines(runner.graph, args.sparsity, cfg, group_size=args.group_size)))
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("search", help="search a plan (writes plan.json, report.json/.md, search_state.json)")
     _search_args(p)
-    p.set_defaults(func=cmd_search)
+    p.set_defaults(func=cmd_search, search_quantize_aware=True)  # search writes a plan: --quantize scores with it
     p = sub.add_parser("prune", help="search + apply + save the pruned model + report")
     _search_args(p)
     p.set_defaults(func=cmd_prune)
@@ -250,11 +278,17 @@ def _run_search(args, out: Path):
     if not 0.0 < args.sparsity < 1.0:  # cheap checks before loading anything
         raise CLIError(f"sparsity must be in (0, 1), got {args.sparsity}")
     _check_numbers(args)
+    quant = quant_config(args)  # an unknown scheme or a missing torchao fails before anything loads
+    _quantize_aware(args)
     read_prompts(args.prompts, field=args.field, limit=args.limit)
     if args.heldout:
         read_prompts(args.heldout, field=args.heldout_field, limit=args.heldout_limit)
     path, model, tok = _load(args.model, args.tokenizer, args)
     graph = trace(model)
+    if quant is not None:  # a keep-list that matches nothing fails here, not after the search
+        from skrr_compile.core.quantize import select_tensors
+
+        select_tensors(graph.graph_module, quant)
     cal = _calibration(args, tok)
     held_cal = _calibration(args, tok, "heldout_") if args.heldout else None
     check_sparsity(graph, args.sparsity)  # unreachable targets fail here, before --out exists
@@ -264,12 +298,28 @@ def _run_search(args, out: Path):
                     progress=not args.quiet, graph=graph)
     pruned = materialize(graph, result)
     dense = model if result.weights is None else materialize(graph, SearchResult(Plan(), {}, {}, result.weights))
+    deployed = deployed_table(pruned.graph_module, getattr(args, "group_size", 32))
+    if quant is not None and getattr(args, "func", None) is cmd_prune:  # the saved model is the quantized one
+        from skrr_compile.core.checkpoints import is_gguf
+        from skrr_compile.core.quantize import quantize
+
+        if is_gguf(path) and getattr(args, "_writer", True):
+            print("note: the GGUF weights were quantized once and dequantized on load; quantizing again stacks "
+                  "the two quantization errors")
+        pruned = quantize(pruned, quant)
     held = None
     if args.heldout:  # sharded across the ranks under torchrun, folded in global chunk order
         select = output_selector(args.hidden_layer)
         metric = ShardedDiscrepancy(with_hidden_states(dense, select), held_cal, select=select)
         held = metric.evaluate(with_hidden_states(pruned, select)).to_dict()
     row = result_row(graph, result, pruned, held)
+    row["quantization"] = None if quant is None else {**quant.to_dict(), "aware": _quantize_aware(args)}
+    row["deployed_bytes"] = deployed  # the plan's pruned model per scheme, exact
+    if quant is not None:
+        from skrr_compile.core.quantize import deployed_bytes
+
+        row["bytes"] = deployed_bytes(pruned.graph_module, None if getattr(args, "func", None) is cmd_prune
+                                      else quant, packed=True)["total"]
     return path, model, tok, graph, result, pruned, row
 
 
@@ -294,7 +344,8 @@ def cmd_search(args) -> int:
         return 0
     path, _, _, _, result, _, row = distributed(lambda: _run_search(args, out))
     save_plan(result.plan, result.overrides, out / "plan.json")  # LaCo: + plan.merged.safetensors
-    write_report(out, [row], title=f"{args.method} search", command=_command(), notes=_source_notes(path),
+    write_report(out, [row], title=f"{args.method} search", command=_command(),
+                 notes=_source_notes(path) + deployed_lines(row["deployed_bytes"]),
                  extra={"search": result.report, "source": describe_source(path)})
     print(f"plan: skip={list(result.plan.skip)} reuse={result.plan.reuse} sparsity={row['sparsity']:.4f} "
           f"D={row['calib_discrepancy']:.5g} -> {out / 'plan.json'}")
@@ -314,7 +365,8 @@ def cmd_prune(args) -> int:
     pruned.info["source"] = str(path.resolve())
     state = (out / STATE_FILE).read_text() if (out / STATE_FILE).exists() else None
     tmp_report = out.with_name(f".{out.name}.report")
-    write_report(tmp_report, [row], title=f"{args.method} prune", command=_command(), notes=_source_notes(path),
+    write_report(tmp_report, [row], title=f"{args.method} prune", command=_command(),
+                 notes=_source_notes(path) + deployed_lines(row["deployed_bytes"]),
                  extra={"search": result.report, "source": describe_source(path)})
     extra = {p.name: p.read_text() for p in tmp_report.iterdir() if p.suffix in (".json", ".md")}
     extra["plan.json"] = result.plan.to_json()
@@ -335,6 +387,11 @@ def cmd_prune(args) -> int:
     print(f"pruned model -> {out}: {row['params']:,} params ({100 * row['sparsity']:.2f}% removed), "
           f"skip={row['skip']} reuse={row['reuse']}, calibration D={row['calib_discrepancy']:.5g}"
           + (f", held-out D={row['heldout_discrepancy']:.5g}" if row["heldout_discrepancy"] is not None else ""))
+    q = row.get("quantization")
+    if q:
+        how = "scored quantized in the search" if q["aware"] else "quantized after the search"
+        print(f"{q['scheme']} ({how}): {row['bytes']:,} bytes in memory, "
+              f"{(out / 'model.safetensors').stat().st_size:,} on disk")
     if row_health(row):
         print(row_health(row))
     return 0
@@ -348,6 +405,17 @@ def cmd_eval(args) -> int:
         raise CLIError(f"{args.pruned} does not record its dense model; pass --model DENSE_MODEL_DIR")
     pruned = load(args.pruned)
     _, dense, tok = _load(source, args.tokenizer)
+    if pruned.plan.info.get("heal"):  # maps fitted against one dense model: another would give wrong numbers
+        from skrr_compile.blocksearch.heal import check_dense_matches
+        from skrr_compile.utils.tensors import named_tensors
+
+        try:
+            weights = {**dict(dense.named_parameters(remove_duplicate=False)),
+                       **dict(dense.named_buffers(remove_duplicate=False))}
+            check_dense_matches(weights, named_tensors(pruned.graph_module),
+                                set(pruned.plan.info.get("merged_params") or ()))
+        except SearchError as e:
+            raise CLIError(f"{args.pruned} is a healed model and {source} {str(e).removeprefix('the dense model ')}") from e
     tok = load_tokenizer(args.pruned) or tok
     group = join_group("cpu", args.dist_timeout)  # under torchrun: the prompt chunks are sharded
     select = output_selector(args.hidden_layer)

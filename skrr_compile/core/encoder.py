@@ -95,6 +95,39 @@ class PrunedEncoder(nn.Module):
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)  # use_return_dict is deprecated
         return out if use_dict else out.to_tuple()
 
+    def to(self, *args, **kwargs):
+        """nn.Module.to; a quantized model refuses another dtype (its torchao weights hold their scales in
+        the dtype they were quantized in)."""
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if dtype is not None:
+            self._refuse_dtype(dtype)
+        return super().to(*args, **kwargs)
+
+    def half(self):
+        self._refuse_dtype(torch.float16)
+        return super().half()
+
+    def bfloat16(self):
+        self._refuse_dtype(torch.bfloat16)
+        return super().bfloat16()
+
+    def float(self):
+        self._refuse_dtype(torch.float32)
+        return super().float()
+
+    def double(self):
+        self._refuse_dtype(torch.float64)
+        return super().double()
+
+    def _refuse_dtype(self, dtype: torch.dtype) -> None:
+        q = self.info.get("quantization")
+        if q and dtype.is_floating_point and dtype != self.dtype:
+            raise ValueError(
+                f"this model is quantized ({q.get('scheme')}) in {str(self.dtype).removeprefix('torch.')}: "
+                f".to({dtype}) is refused; quantize a full-precision model in that dtype instead "
+                "(skrr.quantize(pruned.to(dtype), scheme))"
+            )
+
     def _retrace(self) -> None:
         """Rebuild the graph for the current dtype from the config and bind the current tensors to it."""
         tensors = named_tensors(self.graph_module)
@@ -126,7 +159,8 @@ def apply(model_or_graph, plan: Plan, merged: Mapping[str, torch.Tensor] | None 
     names = sorted(plan.info.get("merged_params") or ())
     if names and sorted(merged or {}) != names:
         raise PlanError(
-            f"this LaCo plan merges {len(names)} parameters (e.g. {names[0]}) and needs their merged weights: "
+            f"this {'healed' if plan.info.get('heal') else 'LaCo'} plan merges {len(names)} parameters (e.g. {names[0]}) "
+            "and needs their merged weights: "
             "pass merged=SearchResult.overrides or merged_weights(plan, plan_path); "
             + ("none were given" if not merged else "the given ones name other parameters")
         )

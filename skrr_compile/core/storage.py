@@ -55,10 +55,21 @@ def save(
     """
     if not isinstance(pruned, PrunedEncoder):
         raise TypeError(f"save expects a PrunedEncoder (from skrr.apply or skrr.load), got {type(pruned).__name__}")
-    unique, aliases = _dedup(named_tensors(pruned.graph_module))
+    quantized = bool(pruned.info.get("quantization"))
+    if quantized:  # torchao tensors: values, scales and zero points as plain tensors (int4 packed)
+        from skrr_compile.core.quantize import require_torchao
+        from skrr_compile.core.quantized_io import flatten
+
+        require_torchao()
+        unique, tensor_meta, aliases = flatten(named_tensors(pruned.graph_module))
+    else:
+        unique, aliases = _dedup(named_tensors(pruned.graph_module))
 
     def fill(tmp: Path) -> None:
-        if compress:
+        if quantized:
+            save_file(unique, str(tmp / WEIGHTS_FILE), metadata={**tensor_meta, "format": "pt", "producer": FORMAT})
+            follow_umask(tmp / WEIGHTS_FILE)
+        elif compress:
             save_tensors(unique, tmp / WEIGHTS_FILE, metadata={"producer": FORMAT})
         else:
             save_file(unique, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": FORMAT})
@@ -112,12 +123,18 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     plan = Plan.load(d / PLAN_FILE)
     saved_dtype = getattr(torch, meta["dtype"])
     gm = build_graph_module(config, meta["architecture"], plan, dtype=saved_dtype)
-    tensors = load_tensors(d / WEIGHTS_FILE, device=str(device))  # plain or compressed safetensors
+    if meta.get("quantization"):
+        from skrr_compile.core.quantize import load_quantized_tensors
+
+        tensors = load_quantized_tensors(gm, d / WEIGHTS_FILE, meta["quantization"], device)
+    else:
+        tensors = load_tensors(d / WEIGHTS_FILE, device=str(device))  # plain or compressed safetensors
     for alias, canonical in meta.get("aliases", {}).items():
         tensors[alias] = tensors[canonical]
     bind_tensors(gm, tensors)
     retarget_devices(gm, torch.device(device))
-    info = {k: meta[k] for k in ("dense_params", "dense_bytes", "removed_params", "fingerprint", "blocks") if k in meta}
+    info = {k: meta[k] for k in ("dense_params", "dense_bytes", "removed_params", "fingerprint", "blocks",
+                                 "quantization") if k in meta}
     pruned = PrunedEncoder(gm, config, plan, meta["architecture"], info)
     if dtype is not None and dtype != saved_dtype:
         pruned = pruned.to(dtype)

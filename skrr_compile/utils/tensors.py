@@ -13,7 +13,16 @@ def param_numel(module: nn.Module) -> int:
 
 
 def param_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in unique_tensors(module.parameters()))
+    return sum(tensor_nbytes(t) for t in unique_tensors(module.parameters()))
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass (a quantized weight) counts its inner tensors (values, scales,
+    zero points), not the logical dtype's size."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_nbytes(getattr(t, n)) for n in names if getattr(t, n) is not None)
+    return t.numel() * t.element_size()
 
 
 def retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:

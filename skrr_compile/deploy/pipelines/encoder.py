@@ -35,7 +35,8 @@ SUPPORTED_PIPELINES = {
     "Flux2Pipeline": "flux2",
     "Flux2KleinPipeline": "flux2klein",
     "QwenImagePipeline": "qwenimage",
-}
+    "CogView4Pipeline": "cogview4",
+}  # base classes by name, for callers that cannot import diffusers; every variant: specs.resolve_family
 
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")

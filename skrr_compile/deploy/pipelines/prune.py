@@ -23,25 +23,30 @@ def _resolve_plan(plan) -> Plan:
     return resolve_plan(plan)
 
 
-def apply_to_pipeline(pipe, plans: Mapping[str, Plan | str | Path | dict]):
+def apply_to_pipeline(pipe, plans: Mapping[str, Plan | str | Path | dict], *, spec=None, merged=None):
     """Replace each named text encoder of `pipe` by its pruned version under the given plan; returns `pipe`.
 
     `plans` maps component names (`text_encoder`, `text_encoder_2`, ...) to a Plan, a plan JSON file, a plan
-    dict or a pruned model directory (its plan is applied to the pipeline's own encoder).
+    dict or a pruned model directory (its plan is applied to the pipeline's own encoder). `spec`: a family name
+    or PipelineSpec for a pipeline the resolution refuses (`describe_pipeline`). `merged`: component name ->
+    the merged weights of a plan that carries them (a healed or LaCo plan: `SearchResult.overrides`).
     """
-    spec = describe_pipeline(pipe)
+    spec = describe_pipeline(pipe, spec=spec)
     if not plans:
         raise ValueError(f"no plans given; this pipeline's text encoders: {', '.join(spec.encoders)}")
     unknown = [name for name in plans if name not in spec.encoders]
     if unknown:
         raise ValueError(f"{type(pipe).__name__} has no text encoder {unknown}; its text encoders: {', '.join(spec.encoders)}")
-    resolved = {name: _resolve_plan(plan) for name, plan in plans.items()}
+    resolved = {name: plan if isinstance(plan, Plan) and (merged or {}).get(name) else _resolve_plan(plan)
+                for name, plan in plans.items()}  # a plan with its merged weights given needs no refusal
     pruned = {}
     for name, plan in resolved.items():  # prune all before swapping any: a bad plan leaves the pipe as it was
         encoder = spec.encoders[name].encoder(pipe)
         if isinstance(encoder, PrunedEncoder):
             raise ValueError(f"pipe.{name} is already pruned (plan skip={list(encoder.plan.skip)}); plans apply to dense encoders")
-        pruned[name] = record_component(PrunedTextEncoder.from_pruned(apply(encoder, plan)), getattr(pipe, name))
+        weights = (merged or {}).get(name) or None
+        pruned[name] = record_component(PrunedTextEncoder.from_pruned(apply(encoder, plan, merged=weights)),
+                                        getattr(pipe, name))
     pipe.register_modules(**pruned)
     return pipe
 
@@ -160,6 +165,8 @@ def prune_pipeline(
     overrides: Mapping[str, dict] | None = None,
     pipeline_kwargs: Mapping | None = None,
     config=None,
+    quantize=None,
+    spec=None,
     **search_kwargs,
 ) -> PipelinePlans:
     """Search a plan for each (or the named, or "all") text encoder(s) of `pipe` and swap in the pruned encoders.
@@ -173,8 +180,17 @@ def prune_pipeline(
     it; `overrides[component]` those of that encoder's search only. Each report keeps its config (`"config"`).
     Returns component -> Plan (with `.reports`); `apply_plans=False` leaves the pipeline dense.
     `pipeline_kwargs`: arguments the pipeline will be called with that change what it encodes (Sana's
-    `complex_human_instruction`), so that the search scores the same text.
+    `complex_human_instruction`), so that the search scores the same text. `spec`: a family name or a
+    PipelineSpec for a pipeline the resolution refuses (`describe_pipeline`).
+    `quantize`: a scheme or `QuantConfig` (skrr_compile.core.quantize): the pruned encoders are then quantized
+    (needs apply_plans).
     """
+    if quantize is not None:
+        from skrr_compile.core.quantize import as_config, check_runnable
+
+        check_runnable(as_config(quantize))  # before any search: an unknown scheme or missing torchao fails now
+        if not apply_plans:
+            raise ValueError("quantize needs apply_plans=True: the quantized encoders replace the pruned ones")
     try:
         from skrr_compile.blocksearch.run import search
     except ImportError as e:
@@ -184,11 +200,11 @@ def prune_pipeline(
         ) from e
     from skrr_compile.blocksearch.calibration import read_prompts
 
-    spec = describe_pipeline(pipe, max_sequence_length, **dict(pipeline_kwargs or {}))
+    spec = describe_pipeline(pipe, max_sequence_length, spec=spec, **dict(pipeline_kwargs or {}))
     names = _select_encoders(spec, list(sparsity) if isinstance(sparsity, Mapping) and encoders is None else encoders)
     prompts = read_prompts(prompts)
     overrides = dict(overrides or {})
-    plans, reports = {}, {}
+    plans, reports, merged = {}, {}, {}
     for name in names:
         es = spec.encoders[name]
         encoder = es.encoder(pipe)
@@ -202,9 +218,15 @@ def prune_pipeline(
             result = search(encoder, es.calibration_tokenizer(pipe), prompts, config, sparsity=target, method=method,
                             **kwargs)
         plans[name] = result.plan
+        if result.overrides:  # a healed plan's merged weights (LaCo's too) go with it
+            merged[name] = result.overrides
         reports[name] = {**dict(result.report or {}), "reads": [o.describe() for o in es.outputs]}
     if apply_plans:
-        apply_to_pipeline(pipe, plans)
+        apply_to_pipeline(pipe, plans, merged=merged)
+    if quantize is not None:
+        quantize_pipeline(pipe, as_config(quantize), names)
+        for name in names:
+            reports[name]["quantization"] = getattr(pipe, name).info["quantization"]
     return PipelinePlans(plans, reports, spec)
 
 
@@ -218,3 +240,27 @@ def _select_encoders(spec: PipelineSpec, encoders) -> list[str]:
     if unknown:
         raise ValueError(f"{spec.pipeline} has no text encoder {unknown}; its text encoders: {', '.join(spec.encoders)}")
     return names
+
+
+def quantize_pipeline(pipe, config, encoders=None):
+    """Quantize the pipeline's text encoders (pruned ones as they are; dense ones with an empty plan)."""
+    from skrr_compile.core.quantize import QuantizationError
+    from skrr_compile.core.quantize import quantize as quantize_encoder
+    from skrr_compile.deploy.pipelines.encoder import TEXT_ENCODERS
+
+    present = [n for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None]
+    names = list(encoders) if encoders is not None else present
+    missing = [n for n in names if n not in present]
+    if missing or not names:
+        raise QuantizationError(f"{type(pipe).__name__} has no text encoder {missing or names}; "
+                                f"its text encoders: {', '.join(present) or 'none'}")
+    dense = [n for n in names if not isinstance(getattr(pipe, n), PrunedEncoder)]
+    if dense:
+        apply_to_pipeline(pipe, {n: Plan() for n in dense})
+    quantized = {}
+    for n in names:  # all before swapping any: an error leaves the pipe as it was (bar the empty plans)
+        enc = getattr(pipe, n)
+        q = quantize_encoder(enc, config)
+        quantized[n] = PrunedTextEncoder.from_pruned(q)
+    pipe.register_modules(**quantized)
+    return pipe

@@ -33,6 +33,8 @@ What each supported family feeds its denoiser, and so what the discrepancy of ea
                                  the chat template (all tokens)
   Qwen-Image    text_encoder     Qwen2.5-VL hidden_states[-1] behind    transformer.txt_norm -> transformer.txt_in
                                  its template, prefix dropped (mask)
+  CogView4      text_encoder     GLM-4 hidden_states[-2], no mask, ids  transformer.patch_embed.text_proj
+                                 left-padded to a multiple of 16 (all)
 
 LLM encoders (issue 12) add what the pipeline wraps and drops: `template` ("...{prompt}...", the null prompt
 goes through it too), `drop_tokens` (the first N tokens left out of D), `hidden_layer` (another layer than
@@ -91,10 +93,147 @@ consumer's first linear layer that multiplies its channels: the consumer's input
 so this is exactly that encoder's contribution (the bias cancels in a difference).
 Encoders the pipeline calls without an attention mask (every CLIP, T5 in SD3 and FLUX) are calibrated the
 same way: padded to the pipeline's length, all-ones mask, every position read.
+
+CogView4 (`_get_glm_embeds`) tokenizes with padding "longest" (GLM-4's tokenizer pads on the left), left-pads
+the ids with the pad token to a multiple of 16, and calls GlmModel without a mask: the pads are read and seen
+by every prompt token, so the spec pads the same way (`pad_multiple`), passes all ones and scores every position;
+a calibration chunk pads to its longest prompt, as the pipeline does for a list of prompts (chunk_size=1 is the
+one-prompt call exactly).
+
+Which family a class is (`resolve_family`), by what its code does, never by its name: class C resolves to F when,
+against one of F's base classes (FAMILY_BASES), (1) its `text_encoder*`/`tokenizer*` __init__ parameters and their
+annotated classes are the base's, (2) `encode_prompt`, every pipeline method it calls on `self` and every
+pipeline-module function it calls (prompt cleaning), transitively, have the base's AST (docstrings, comments,
+decorators, annotations and the `max_sequence_length` default left out: the spec takes the length from
+`__call__`), and (3) C has the base's denoiser component (`transformer` / `unet`). So a subclass or a variant whose
+encoding is `# Copied from` the base resolves; one whose code differs by a line is refused (the error says which
+methods), and `spec="<family>"` / `--spec <family>` reads it as that family once its reading is checked.
+ControlNet, T2I-Adapter and PAG variants resolve with the base's consumers: their extra network reads the same
+prompt embeddings (a FLUX / SD3 ControlNet through its own copy of the context embedder, which D leaves out).
+
+Variants whose text encoder reads more than text:
+  Qwen-Image edit (Edit, EditPlus, EditInpaint): Qwen2.5-VL reads the input image with the prompt (vision tokens
+    inside the template, 64 prefix tokens dropped), so what the denoiser reads is image-conditioned; skrr-compile
+    calibrates on prompts only: refused (not scored on a text-only proxy).
+  Wan image-to-video (and v2v, VACE, Animate, ChronoEdit, Lucy): the UMT5 reading is Wan's, and the CLIP image
+    encoder beside it reads the input image, never the prompt, so only UMT5 is pruned, calibrated on text; their
+    `basic_clean` calls ftfy unconditionally (Wan's only when installed), so the rule refuses them: with ftfy
+    installed, spec="wan".
+  FLUX Redux (FluxPriorReduxPipeline): no denoiser; its embeddings (T5 + the Redux image tokens) feed a separate
+    FluxPipeline that holds the same CLIP and T5: prune that one (rule 3 refuses Redux).
+  FLUX Fill / Kontext / Control / ControlNet img2img and inpaint: the image enters the denoiser's latents, not the
+    encoders: FLUX's spec (FluxControlNetPipeline's `_get_t5_prompt_embeds` differs from FLUX's: refused).
+
+Every diffusers 0.42 pipeline class with a text encoder (268: 100 supported, 168 refused; tests/test_pipeline_variants.py
+enumerates them and fails on a class that is neither):
+
+  Supported (100), by family (each variant: spec resolution + its encode_prompt against the base's on the base's
+  tiny components; each family's base: spec vs encode_prompt, prune, generate, save, load):
+    sd (37): AnimateDiffControlNetPipeline, AnimateDiffPAGPipeline, AnimateDiffPipeline,
+      AnimateDiffSparseControlNetPipeline, CycleDiffusionPipeline, LatentConsistencyModelImg2ImgPipeline,
+      LatentConsistencyModelPipeline, PIAPipeline, StableDiffusionAdapterPipeline,
+      StableDiffusionAttendAndExcitePipeline, StableDiffusionControlNetImg2ImgPipeline,
+      StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPAGInpaintPipeline,
+      StableDiffusionControlNetPAGPipeline, StableDiffusionControlNetPipeline,
+      StableDiffusionControlNetXSPipeline, StableDiffusionDepth2ImgPipeline, StableDiffusionDiffEditPipeline,
+      StableDiffusionGLIGENPipeline, StableDiffusionGLIGENTextImagePipeline, StableDiffusionImg2ImgPipeline,
+      StableDiffusionInpaintPipeline, StableDiffusionInpaintPipelineLegacy, StableDiffusionLDM3DPipeline,
+      StableDiffusionModelEditingPipeline, StableDiffusionPAGImg2ImgPipeline,
+      StableDiffusionPAGInpaintPipeline, StableDiffusionPAGPipeline, StableDiffusionPanoramaPipeline,
+      StableDiffusionParadigmsPipeline, StableDiffusionPipeline, StableDiffusionPix2PixZeroPipeline,
+      StableDiffusionSAGPipeline, StableDiffusionUpscalePipeline, TextToVideoSDPipeline,
+      TextToVideoZeroPipeline, VideoToVideoSDPipeline
+    wan (3): AnyFlowFARPipeline, AnyFlowPipeline, WanPipeline
+    auraflow (1): AuraFlowPipeline
+    chroma (2): ChromaImg2ImgPipeline, ChromaPipeline
+    cogview4 (2): CogView4ControlPipeline, CogView4Pipeline
+    flux2klein (2): Flux2KleinInpaintPipeline, Flux2KleinPipeline
+    flux2 (1): Flux2Pipeline
+    flux (11): FluxControlImg2ImgPipeline, FluxControlInpaintPipeline, FluxControlNetImg2ImgPipeline,
+      FluxControlNetInpaintPipeline, FluxControlPipeline, FluxFillPipeline, FluxImg2ImgPipeline,
+      FluxInpaintPipeline, FluxKontextInpaintPipeline, FluxKontextPipeline, FluxPipeline
+    hidream (1): HiDreamImagePipeline
+    lumina2 (1): Lumina2Pipeline
+    pixart (3): PixArtAlphaPipeline, PixArtSigmaPAGPipeline, PixArtSigmaPipeline
+    qwenimage (5): QwenImageControlNetInpaintPipeline, QwenImageControlNetPipeline, QwenImageImg2ImgPipeline,
+      QwenImageInpaintPipeline, QwenImagePipeline
+    sana (2): SanaControlNetPipeline, SanaPipeline
+    sd3 (7): StableDiffusion3ControlNetInpaintingPipeline, StableDiffusion3ControlNetPipeline,
+      StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline, StableDiffusion3PAGImg2ImgPipeline,
+      StableDiffusion3PAGPipeline, StableDiffusion3Pipeline
+    sdxl (17): StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetImg2ImgPipeline,
+      StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLControlNetPAGImg2ImgPipeline,
+      StableDiffusionXLControlNetPAGPipeline, StableDiffusionXLControlNetPipeline,
+      StableDiffusionXLControlNetUnionImg2ImgPipeline, StableDiffusionXLControlNetUnionInpaintPipeline,
+      StableDiffusionXLControlNetUnionPipeline, StableDiffusionXLControlNetXSPipeline,
+      StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPAGImg2ImgPipeline,
+      StableDiffusionXLPAGInpaintPipeline, StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline,
+      TextToVideoZeroSDXLPipeline
+    zimage (5): ZImageControlNetInpaintPipeline, ZImageControlNetPipeline, ZImageImg2ImgPipeline,
+      ZImageInpaintPipeline, ZImagePipeline
+
+  Refused (168), by reason (REFUSED in this module; the error names the reason):
+    [kolors] (3): KolorsImg2ImgPipeline, KolorsPAGPipeline, KolorsPipeline
+    [kandinsky5] (4): Kandinsky5I2IPipeline, Kandinsky5I2VPipeline, Kandinsky5T2IPipeline,
+      Kandinsky5T2VPipeline
+    [hunyuanimage] (2): HunyuanImagePipeline, HunyuanImageRefinerPipeline
+    [redux] (1): FluxPriorReduxPipeline
+    [qwen_edit] (3): QwenImageEditInpaintPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
+    [onnx] (5): OnnxStableDiffusionImg2ImgPipeline, OnnxStableDiffusionInpaintPipeline,
+      OnnxStableDiffusionPipeline, OnnxStableDiffusionUpscalePipeline, StableDiffusionOnnxPipeline
+    [wan_ftfy] (6): ChronoEditPipeline, LucyEditPipeline, WanAnimatePipeline, WanImageToVideoPipeline,
+      WanVACEPipeline, WanVideoToVideoPipeline
+    [own_family] (63): AceStepPipeline, AltDiffusionImg2ImgPipeline, AltDiffusionPipeline, AudioLDM2Pipeline,
+      BlipDiffusionControlNetPipeline, BlipDiffusionPipeline, BriaFibo2Pipeline, BriaFiboEditPipeline,
+      BriaFiboPipeline, Cosmos2_5_PredictBasePipeline, Cosmos2_5_TransferPipeline, DreamLiteMobilePipeline,
+      DreamLitePipeline, EasyAnimateControlPipeline, EasyAnimateInpaintPipeline, EasyAnimatePipeline,
+      ErnieImagePipeline, GlmImagePipeline, HunyuanDiTControlNetPipeline, HunyuanDiTPAGPipeline,
+      HunyuanDiTPipeline, HunyuanSkyreelsImageToVideoPipeline, HunyuanVideo15ImageToVideoPipeline,
+      HunyuanVideo15Pipeline, HunyuanVideoFramepackPipeline, HunyuanVideoImageToVideoPipeline,
+      HunyuanVideoPipeline, JoyImageEditPipeline, Kandinsky6TI2VAPipeline, Krea2Pipeline,
+      LTX2ConditionPipeline, LTX2DFRPipeline, LTX2DFRTemporalRefinePipeline, LTX2HDRPipeline,
+      LTX2ImageToVideoPipeline, LTX2InContextPipeline, LTX2Pipeline, LTXI2VLongMultiPromptPipeline,
+      LongCatAudioDiTPipeline, LuminaPipeline, MotifVideoImage2VideoPipeline, MotifVideoPipeline,
+      NucleusMoEImagePipeline, OvisImagePipeline, PRXPipeline, PRXPixelPipeline, QwenImage21Pipeline,
+      SanaWMPipeline, SkyReelsV2DiffusionForcingImageToVideoPipeline, SkyReelsV2DiffusionForcingPipeline,
+      SkyReelsV2DiffusionForcingVideoToVideoPipeline, SkyReelsV2ImageToVideoPipeline, SkyReelsV2Pipeline,
+      StableAudio3AudioToAudioPipeline, StableAudio3InpaintPipeline, StableAudio3Pipeline,
+      StableCascadeDecoderPipeline, StableCascadePriorPipeline, StableUnCLIPImg2ImgPipeline,
+      StableUnCLIPPipeline, UniDiffuserPipeline, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
+    [differs:PixArtAlphaPipeline] (15): AllegroPipeline, CogVideoXFunControlPipeline,
+      CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXVideoToVideoPipeline, CogView3PlusPipeline,
+      IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, IFInpaintingPipeline,
+      IFInpaintingSuperResolutionPipeline, IFPipeline, IFSuperResolutionPipeline, Kandinsky3Img2ImgPipeline,
+      Kandinsky3Pipeline, LattePipeline
+    [no_encode_prompt] (32): AmusedImg2ImgPipeline, AmusedInpaintPipeline, AmusedPipeline, AudioLDMPipeline,
+      JoyImageEditPlusPipeline, KandinskyCombinedPipeline, KandinskyImg2ImgCombinedPipeline,
+      KandinskyImg2ImgPipeline, KandinskyInpaintCombinedPipeline, KandinskyInpaintPipeline, KandinskyPipeline,
+      KandinskyPriorPipeline, KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline,
+      MarigoldDepthPipeline, MarigoldIntrinsicsPipeline, MarigoldNormalsPipeline, MusicLDMPipeline,
+      SanaWMLTX2Refiner, SemanticStableDiffusionPipeline, ShapEPipeline, StableCascadeCombinedPipeline,
+      StableDiffusionInstructPix2PixPipeline, StableDiffusionPipelineSafe, UnCLIPImageVariationPipeline,
+      UnCLIPPipeline, VQDiffusionPipeline, VersatileDiffusionDualGuidedPipeline, VersatileDiffusionPipeline,
+      VersatileDiffusionTextToImagePipeline, VisualClozePipeline, WuerstchenCombinedPipeline
+    [differs:StableDiffusionXLPipeline] (3): AnimateDiffSDXLPipeline, LEditsPPPipelineStableDiffusionXL,
+      StableDiffusionXLInstructPix2PixPipeline
+    [differs:StableDiffusionPipeline] (5): AnimateDiffVideoToVideoControlNetPipeline,
+      AnimateDiffVideoToVideoPipeline, I2VGenXLPipeline, LEditsPPPipelineStableDiffusion,
+      StableDiffusionLatentUpscalePipeline
+    [differs:ChromaPipeline] (11): BriaPipeline, ChromaInpaintPipeline, Cosmos2TextToImagePipeline,
+      Cosmos2VideoToWorldPipeline, CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline,
+      LTXConditionPipeline, LTXImageToVideoPipeline, LTXPipeline, MochiPipeline, StableAudioPipeline
+    [differs:Flux2KleinPipeline] (1): Flux2KleinKVPipeline
+    [differs:FluxPipeline] (2): FluxControlNetPipeline, VisualClozeGenerationPipeline
+    [differs:WanPipeline] (2): HeliosPipeline, HeliosPyramidPipeline
+    [differs:ZImagePipeline] (2): Ideogram4Pipeline, ZImageOmniPipeline
+    [differs:QwenImagePipeline] (3): LongCatImageEditPipeline, LongCatImagePipeline, QwenImageLayeredPipeline
+    [differs:SanaPipeline] (5): SanaImageToVideoPipeline, SanaPAGPipeline, SanaSprintImg2ImgPipeline,
+      SanaSprintPipeline, SanaVideoPipeline
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,7 +243,6 @@ from torch import nn
 
 from skrr_compile.core.encoder import PrunedEncoder
 from skrr_compile.deploy.pipelines.encoder import (
-    SUPPORTED_PIPELINES,
     TEXT_ENCODERS,
     NoTextEncoderError,
     UnsupportedPipelineError,
@@ -214,6 +352,7 @@ class EncoderSpec:
     hidden_layer: int | tuple[int, ...] | None = None  # hidden_states index (or stack) read instead of the last
     module: str | None = None  # the text model inside the component that is traced and pruned (an LLM's ".model")
     special_tokens: bool = True  # False: the template already holds them (a chat template's BOS), add none
+    pad_multiple: int = 0  # the pipeline left-pads the ids with pad tokens to a multiple of this (CogView4: 16)
     default: bool = True  # pruned when prune_pipeline is not told which encoders to prune
 
     @property
@@ -260,9 +399,10 @@ class EncoderSpec:
 
         if isinstance(tokenizer, ProcessorMixin):  # FLUX.2's processor: its text goes through its tokenizer
             tokenizer = tokenizer.tokenizer
-        if self.attention_mask and self.special_tokens:
+        if self.attention_mask and self.special_tokens and not self.pad_multiple:
             return tokenizer
-        return PipelineTokenizer(tokenizer, mask=self.attention_mask, special_tokens=self.special_tokens)
+        return PipelineTokenizer(tokenizer, mask=self.attention_mask, special_tokens=self.special_tokens,
+                                 pad_multiple=self.pad_multiple)
 
     def to_dict(self) -> dict:
         return {
@@ -278,6 +418,7 @@ class EncoderSpec:
             "hidden_layer": self.hidden_layer,
             "module": self.module,
             "special_tokens": self.special_tokens,
+            "pad_multiple": self.pad_multiple,
             "default": self.default,
         }
 
@@ -298,10 +439,12 @@ class PipelineSpec:
 
 class PipelineTokenizer:
     """The tokenizer as the pipeline uses it: an all-ones mask for an encoder it calls without one (`mask=False`),
-    no special tokens added to a text whose template already holds them (`special_tokens=False`)."""
+    no special tokens added to a text whose template already holds them (`special_tokens=False`), padded ids
+    left-padded with the pad token to a multiple of `pad_multiple` (CogView4, whose encoder sees them unmasked)."""
 
-    def __init__(self, tokenizer, mask: bool = False, special_tokens: bool = True):
+    def __init__(self, tokenizer, mask: bool = False, special_tokens: bool = True, pad_multiple: int = 0):
         self._tokenizer, self._mask, self._special = tokenizer, mask, special_tokens
+        self._multiple = pad_multiple
 
     def __getattr__(self, name):
         return getattr(self._tokenizer, name)
@@ -310,6 +453,15 @@ class PipelineTokenizer:
         if not self._special:
             kwargs["add_special_tokens"] = False
         enc = self._tokenizer(*args, **kwargs)
+        ids = enc.get("input_ids") if hasattr(enc, "get") else None
+        if self._multiple and kwargs.get("padding") and isinstance(ids, torch.Tensor):
+            extra = -ids.shape[-1] % self._multiple
+            if extra:
+                pad = torch.full((*ids.shape[:-1], extra), self._tokenizer.pad_token_id, dtype=ids.dtype)
+                enc["input_ids"] = torch.cat([pad, ids], dim=-1)
+                mask = enc.get("attention_mask")
+                if mask is not None:
+                    enc["attention_mask"] = torch.cat([torch.zeros_like(pad).to(mask.dtype), mask], dim=-1)
         mask = enc.get("attention_mask") if hasattr(enc, "get") else None
         if mask is not None and not self._mask:
             if isinstance(mask, torch.Tensor):
@@ -319,17 +471,336 @@ class PipelineTokenizer:
         return enc
 
     def __repr__(self) -> str:
-        return f"PipelineTokenizer({type(self._tokenizer).__name__}, mask={self._mask}, special_tokens={self._special})"
+        return (f"PipelineTokenizer({type(self._tokenizer).__name__}, mask={self._mask}, special_tokens={self._special}, "
+                f"pad_multiple={self._multiple})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# which family a pipeline class belongs to: by what its code does, not by its name
+# ---------------------------------------------------------------------------------------------------
+# family -> (its base pipeline classes, the denoiser component its consumers live in)
+FAMILY_BASES: dict[str, tuple[tuple[str, ...], str]] = {
+    "pixart": (("PixArtAlphaPipeline", "PixArtSigmaPipeline"), "transformer"),
+    "sd": (("StableDiffusionPipeline",), "unet"),
+    "sdxl": (("StableDiffusionXLPipeline",), "unet"),
+    "sd3": (("StableDiffusion3Pipeline",), "transformer"),
+    "flux": (("FluxPipeline",), "transformer"),
+    "sana": (("SanaPipeline",), "transformer"),
+    "lumina2": (("Lumina2Pipeline",), "transformer"),
+    "zimage": (("ZImagePipeline",), "transformer"),
+    "chroma": (("ChromaPipeline",), "transformer"),
+    "auraflow": (("AuraFlowPipeline",), "transformer"),
+    "wan": (("WanPipeline",), "transformer"),
+    "hidream": (("HiDreamImagePipeline",), "transformer"),
+    "flux2": (("Flux2Pipeline",), "transformer"),
+    "flux2klein": (("Flux2KleinPipeline",), "transformer"),
+    "qwenimage": (("QwenImagePipeline",), "transformer"),
+    "cogview4": (("CogView4Pipeline",), "transformer"),
+}
+ENTRY = "encode_prompt"  # where a pipeline's prompt encoding starts
+
+
+def _function_node(fn):
+    """The function's AST without its docstring, decorators, comments, type annotations and the default of
+    `max_sequence_length` (the spec takes the length from `__call__`, which passes it down)."""
+    import ast
+    import textwrap
+
+    node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    node.decorator_list, node.returns = [], None
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+        node.body = body[1:] or [ast.Pass()]
+    args = node.args
+    for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg):
+        if a is not None:
+            a.annotation = None
+    positional = [*args.posonlyargs, *args.args]
+    for i in range(len(args.defaults)):
+        if positional[len(positional) - len(args.defaults) + i].arg == "max_sequence_length":
+            args.defaults[i] = ast.Constant(None)
+    for i, a in enumerate(args.kwonlyargs):
+        if a.arg == "max_sequence_length" and args.kw_defaults[i] is not None:
+            args.kw_defaults[i] = ast.Constant(None)
+    return node
+
+
+def prompt_encoding(cls) -> dict[str, str | None]:
+    """`encode_prompt` and every method it calls on `self` and every diffusers pipeline-module function it calls
+    by name (prompt cleaning: `basic_clean`, `prompt_clean`), transitively, as normalized ASTs (`_function_node`).
+
+    Only methods of pipeline classes count: a loader mixin's (textual inversion's `maybe_convert_prompt`, which
+    encode_prompt calls only on pipelines that have it) acts only on what the user loads into the pipeline.
+    """
+    import ast
+
+    from diffusers import DiffusionPipeline
+
+    seen, todo, reading = set(), [(ENTRY, None)], {}
+    while todo:
+        name, scope = todo.pop()
+        key = name if scope is None else f"{name}()"
+        if key in seen:
+            continue
+        seen.add(key)
+        if scope is None:  # a method
+            owner = next((c for c in cls.__mro__ if name in c.__dict__), None)
+            if owner is None or owner is DiffusionPipeline or not issubclass(owner, DiffusionPipeline):
+                continue
+            fn = owner.__dict__[name]
+            fn = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn
+        else:  # a module-level function of the pipeline's module
+            fn = scope.get(name)
+            if not inspect.isfunction(fn) or not fn.__module__.startswith("diffusers.pipelines"):
+                continue
+        if not inspect.isfunction(fn):
+            continue
+        try:
+            node = _function_node(fn)
+        except (OSError, TypeError, SyntaxError):
+            reading[key] = None  # no source: never equal to a base's
+            continue
+        reading[key] = ast.dump(node)
+        for n in ast.walk(node):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self":
+                todo.append((n.attr, None))
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name):
+                todo.append((n.func.id, fn.__globals__))
+    return reading
+
+
+def text_components(cls) -> tuple[tuple[str, str], ...]:
+    """The `text_encoder*` / `tokenizer*` parameters of the class's `__init__` with their annotated classes."""
+    params = inspect.signature(cls.__init__).parameters
+    return tuple((n, str(p.annotation)) for n, p in params.items() if n.startswith(("text_encoder", "tokenizer")))
+
+
+def _init_params(cls) -> set[str]:
+    try:
+        return set(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+@functools.cache
+def _base_readings() -> dict[str, tuple[str, tuple, dict]]:
+    import diffusers
+
+    bases = {}
+    for family, (names, _) in FAMILY_BASES.items():
+        for name in names:
+            cls = getattr(diffusers, name, None)
+            if cls is not None:
+                bases[name] = (family, text_components(cls), prompt_encoding(cls))
+    return bases
+
+
+@functools.cache
+def resolve_family(cls) -> str | None:
+    """The family whose spec reads `cls`'s text encoders, or None.
+
+    The rule: `cls` resolves to family F when, against one of F's base classes (`FAMILY_BASES`),
+      1. its text components (`text_encoder*` / `tokenizer*` in `__init__`, with their annotated classes) are
+         the base's,
+      2. its prompt encoding is the base's: `encode_prompt`, every pipeline method it calls on `self` and every
+         pipeline-module function it calls (prompt cleaning), transitively, have the same AST as the base's
+         (`prompt_encoding`: docstrings, comments, decorators, type annotations and the `max_sequence_length`
+         default left out),
+      3. it has the base's denoiser component (`transformer` / `unet`), where the family's consumers live.
+    A subclass that overrides none of these resolves like its base; a variant whose encode_prompt is
+    `# Copied from` the base's resolves; one whose code differs by a line does not (pass `spec=`).
+    """
+    if not isinstance(cls, type):
+        return None
+    try:
+        components, reading = text_components(cls), prompt_encoding(cls)
+    except (TypeError, ValueError, OSError):
+        return None
+    if not reading:
+        return None
+    params = _init_params(cls)
+    for family, base_components, base_reading in _base_readings().values():
+        if (base_components == components and base_reading == reading
+                and FAMILY_BASES[family][1] in params):
+            return family
+    return None
+
+
+def closest_family(cls) -> tuple[str, list[str]] | None:
+    """(the base class with the same text components and methods whose code differs least, the methods that
+    differ), for the refusal message; None when no base has the same components."""
+    try:
+        components, reading = text_components(cls), prompt_encoding(cls)
+    except (TypeError, ValueError, OSError):
+        return None
+    best = None
+    for name, (_family, base_components, base_reading) in _base_readings().items():
+        if base_components != components:
+            continue
+        differ = sorted(m for m in set(reading) | set(base_reading) if reading.get(m) != base_reading.get(m))
+        if best is None or len(differ) < len(best[1]):
+            best = (name, differ)
+    return best
+
+
+def unsupported_message(cls) -> str:
+    """One line: why `cls` is refused, the supported families, and how to pass an explicit spec."""
+    name = cls.__name__
+    reason = REFUSED.get(name)
+    if reason is None:
+        near = closest_family(cls)
+        if near is not None and near[1]:
+            reason = f"its {', '.join(near[1])} differ(s) from {near[0]}'s"
+        elif near is not None:
+            reason = f"it has no {FAMILY_BASES[_base_readings()[near[0]][0]][1]} (the denoiser {near[0]}'s spec reads through)"
+        else:
+            reason = "its text encoders and encode_prompt are no supported family's"
+    else:
+        reason = refusal_reason(reason)
+    families = "; ".join(f"{family}: {'/'.join(names)}" for family, (names, _) in FAMILY_BASES.items())
+    return (
+        f"{name} is not a supported pipeline ({reason}). Supported: {families}, and every class that encodes prompts "
+        "as one of them. A pipeline that reads its encoders as a family does: spec='<family>' (describe_pipeline, "
+        "prune_pipeline, apply_to_pipeline) or --spec <family> (prune-pipeline, inspect-pipeline); a custom "
+        "reading: spec=PipelineSpec(...)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# every other diffusers 0.42 class with a text encoder: refused, with the reason (tests/test_pipeline_variants.py
+# fails on a class that neither resolves nor is listed here)
+# ---------------------------------------------------------------------------------------------------
+REASONS: dict[str, str] = {
+    "kolors": "Kolors reads ChatGLM3 (diffusers' kolors.text_encoder.ChatGLMModel, a port of THUDM's remote code, "
+              "no transformers class): a pruned encoder is rebuilt from its config through transformers, which has "
+              "no ChatGLM, so it could not be loaded back",
+    "kandinsky5": "Kandinsky 5 reads Qwen2.5-VL behind a template it truncates by decoded text and packs by "
+                  "cu_seqlens, plus CLIP's pooled output: no spec for that reading yet",
+    "hunyuanimage": "HunyuanImage reads Qwen2.5-VL plus a ByT5 glyph encoder fed only the quoted text of each prompt "
+                    "(_get_byt5_prompt_embeds); calibrating ByT5 needs prompts with quoted glyph text: no spec yet",
+    "redux": "FLUX Redux has no denoiser: its prompt embeddings (T5, the Redux image tokens concatenated) feed a "
+             "separate FluxPipeline holding the same CLIP and T5; prune that pipeline (family flux)",
+    "qwen_edit": "Qwen-Image edit feeds Qwen2.5-VL the input image with the prompt (vision tokens inside the "
+                 "template, 64 prefix tokens dropped); the denoiser reads image-conditioned states, and skrr-compile "
+                 "calibrates on prompts only (no calibration images): refused rather than scored on a text-only proxy",
+    "onnx": "an ONNX pipeline: its encoders are ONNX Runtime sessions, not torch modules (prune the torch pipeline, "
+            "then export)",
+    "wan_ftfy": "its basic_clean calls ftfy unconditionally (Wan's only when ftfy is installed); the rest of its "
+                "prompt encoding is Wan's: with ftfy installed pass spec='wan' (UMT5 pruned, calibrated on text; an "
+                "i2v CLIP image encoder reads the input image, never the prompt, and stays dense)",
+    "own_family": "a family of its own (its encoders and encode_prompt are no supported family's): no spec yet",
+    "no_encode_prompt": "no encode_prompt: it encodes prompts inline in __call__, or through sub-pipelines, or not at "
+                        "all (a prior / combined / image-conditioned pipeline)",
+}
+REFUSED_GROUPS: dict[str, tuple[str, ...]] = {
+    "kolors": (
+        "KolorsImg2ImgPipeline", "KolorsPAGPipeline", "KolorsPipeline",
+    ),
+    "kandinsky5": (
+        "Kandinsky5I2IPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5T2VPipeline",
+    ),
+    "hunyuanimage": (
+        "HunyuanImagePipeline", "HunyuanImageRefinerPipeline",
+    ),
+    "redux": (
+        "FluxPriorReduxPipeline",
+    ),
+    "qwen_edit": (
+        "QwenImageEditInpaintPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+    ),
+    "onnx": (
+        "OnnxStableDiffusionImg2ImgPipeline", "OnnxStableDiffusionInpaintPipeline", "OnnxStableDiffusionPipeline",
+        "OnnxStableDiffusionUpscalePipeline", "StableDiffusionOnnxPipeline",
+    ),
+    "wan_ftfy": (
+        "ChronoEditPipeline", "LucyEditPipeline", "WanAnimatePipeline", "WanImageToVideoPipeline", "WanVACEPipeline",
+        "WanVideoToVideoPipeline",
+    ),
+    "own_family": (
+        "AceStepPipeline", "AltDiffusionImg2ImgPipeline", "AltDiffusionPipeline", "AudioLDM2Pipeline",
+        "BlipDiffusionControlNetPipeline", "BlipDiffusionPipeline", "BriaFibo2Pipeline", "BriaFiboEditPipeline",
+        "BriaFiboPipeline", "Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline", "DreamLiteMobilePipeline",
+        "DreamLitePipeline", "EasyAnimateControlPipeline", "EasyAnimateInpaintPipeline", "EasyAnimatePipeline",
+        "ErnieImagePipeline", "GlmImagePipeline", "HunyuanDiTControlNetPipeline", "HunyuanDiTPAGPipeline",
+        "HunyuanDiTPipeline", "HunyuanSkyreelsImageToVideoPipeline", "HunyuanVideo15ImageToVideoPipeline",
+        "HunyuanVideo15Pipeline", "HunyuanVideoFramepackPipeline", "HunyuanVideoImageToVideoPipeline",
+        "HunyuanVideoPipeline", "JoyImageEditPipeline", "Kandinsky6TI2VAPipeline", "Krea2Pipeline",
+        "LTX2ConditionPipeline", "LTX2DFRPipeline", "LTX2DFRTemporalRefinePipeline", "LTX2HDRPipeline",
+        "LTX2ImageToVideoPipeline", "LTX2InContextPipeline", "LTX2Pipeline", "LTXI2VLongMultiPromptPipeline",
+        "LongCatAudioDiTPipeline", "LuminaPipeline", "MotifVideoImage2VideoPipeline", "MotifVideoPipeline",
+        "NucleusMoEImagePipeline", "OvisImagePipeline", "PRXPipeline", "PRXPixelPipeline", "QwenImage21Pipeline",
+        "SanaWMPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline", "SkyReelsV2DiffusionForcingPipeline",
+        "SkyReelsV2DiffusionForcingVideoToVideoPipeline", "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline",
+        "StableAudio3AudioToAudioPipeline", "StableAudio3InpaintPipeline", "StableAudio3Pipeline",
+        "StableCascadeDecoderPipeline", "StableCascadePriorPipeline", "StableUnCLIPImg2ImgPipeline",
+        "StableUnCLIPPipeline", "UniDiffuserPipeline", "WuerstchenDecoderPipeline", "WuerstchenPriorPipeline",
+    ),
+    "differs:PixArtAlphaPipeline": (
+        "AllegroPipeline", "CogVideoXFunControlPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline",
+        "CogVideoXVideoToVideoPipeline", "CogView3PlusPipeline", "IFImg2ImgPipeline",
+        "IFImg2ImgSuperResolutionPipeline", "IFInpaintingPipeline", "IFInpaintingSuperResolutionPipeline", "IFPipeline",
+        "IFSuperResolutionPipeline", "Kandinsky3Img2ImgPipeline", "Kandinsky3Pipeline", "LattePipeline",
+    ),
+    "no_encode_prompt": (
+        "AmusedImg2ImgPipeline", "AmusedInpaintPipeline", "AmusedPipeline", "AudioLDMPipeline",
+        "JoyImageEditPlusPipeline", "KandinskyCombinedPipeline", "KandinskyImg2ImgCombinedPipeline",
+        "KandinskyImg2ImgPipeline", "KandinskyInpaintCombinedPipeline", "KandinskyInpaintPipeline", "KandinskyPipeline",
+        "KandinskyPriorPipeline", "KandinskyV22PriorEmb2EmbPipeline", "KandinskyV22PriorPipeline",
+        "MarigoldDepthPipeline", "MarigoldIntrinsicsPipeline", "MarigoldNormalsPipeline", "MusicLDMPipeline",
+        "SanaWMLTX2Refiner", "SemanticStableDiffusionPipeline", "ShapEPipeline", "StableCascadeCombinedPipeline",
+        "StableDiffusionInstructPix2PixPipeline", "StableDiffusionPipelineSafe", "UnCLIPImageVariationPipeline",
+        "UnCLIPPipeline", "VQDiffusionPipeline", "VersatileDiffusionDualGuidedPipeline", "VersatileDiffusionPipeline",
+        "VersatileDiffusionTextToImagePipeline", "VisualClozePipeline", "WuerstchenCombinedPipeline",
+    ),
+    "differs:StableDiffusionXLPipeline": (
+        "AnimateDiffSDXLPipeline", "LEditsPPPipelineStableDiffusionXL", "StableDiffusionXLInstructPix2PixPipeline",
+    ),
+    "differs:StableDiffusionPipeline": (
+        "AnimateDiffVideoToVideoControlNetPipeline", "AnimateDiffVideoToVideoPipeline", "I2VGenXLPipeline",
+        "LEditsPPPipelineStableDiffusion", "StableDiffusionLatentUpscalePipeline",
+    ),
+    "differs:ChromaPipeline": (
+        "BriaPipeline", "ChromaInpaintPipeline", "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline",
+        "CosmosTextToWorldPipeline", "CosmosVideoToWorldPipeline", "LTXConditionPipeline", "LTXImageToVideoPipeline",
+        "LTXPipeline", "MochiPipeline", "StableAudioPipeline",
+    ),
+    "differs:Flux2KleinPipeline": (
+        "Flux2KleinKVPipeline",
+    ),
+    "differs:FluxPipeline": (
+        "FluxControlNetPipeline", "VisualClozeGenerationPipeline",
+    ),
+    "differs:WanPipeline": (
+        "HeliosPipeline", "HeliosPyramidPipeline",
+    ),
+    "differs:ZImagePipeline": (
+        "Ideogram4Pipeline", "ZImageOmniPipeline",
+    ),
+    "differs:QwenImagePipeline": (
+        "LongCatImageEditPipeline", "LongCatImagePipeline", "QwenImageLayeredPipeline",
+    ),
+    "differs:SanaPipeline": (
+        "SanaImageToVideoPipeline", "SanaPAGPipeline", "SanaSprintImg2ImgPipeline", "SanaSprintPipeline",
+        "SanaVideoPipeline",
+    ),
+}
+
+REFUSED: dict[str, str] = {name: reason for reason, names in REFUSED_GROUPS.items() for name in names}
+
+
+def refusal_reason(key: str) -> str:
+    if key.startswith("differs:"):
+        base = key.split(":", 1)[1]
+        return (f"its prompt encoding differs from {base}'s, the family with the same text components (a variant "
+                "rewritten, or a family of its own): no spec until its reading is checked")
+    return REASONS[key]
 
 
 def family_of(pipe) -> str:
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in SUPPORTED_PIPELINES:
-            return SUPPORTED_PIPELINES[cls.__name__]
-    raise UnsupportedPipelineError(
-        f"{type(pipe).__name__} is not a supported pipeline; supported: {', '.join(SUPPORTED_PIPELINES)} "
-        "(and their subclasses)"
-    )
+    family = resolve_family(type(pipe))
+    if family is None:
+        raise UnsupportedPipelineError(unsupported_message(type(pipe)))
+    return family
 
 
 def present_encoders(pipe) -> list[str]:
@@ -364,12 +835,18 @@ def _config(module) -> object:
     return getattr(module, "config", None)
 
 
-def describe_pipeline(pipe, max_sequence_length: int | None = None, **call_kwargs) -> PipelineSpec:
+SPEC_ATTRIBUTE = "_skrr_spec"  # an explicit spec given once sticks to the pipeline object (apply, save, sizes)
+
+
+def describe_pipeline(pipe, max_sequence_length: int | None = None, *, spec=None, **call_kwargs) -> PipelineSpec:
     """Each text encoder of `pipe`, how the pipeline calls it, and the module that consumes each output.
 
     `max_sequence_length`: the T5 length the pipeline will be called with (default: the pipeline's default).
     `call_kwargs`: other arguments the pipeline will be called with that change what it encodes (Sana:
     `complex_human_instruction`); unset ones take the pipeline's defaults.
+    `spec`: for a pipeline the resolution (`resolve_family`) refuses: a family name (its builder reads the
+    pipeline as that family's), or a `PipelineSpec` (a custom reading, used as given). It sticks to `pipe`, so
+    that apply_to_pipeline, save_pipeline and encoder_sizes on the same object use it too.
     """
     present = present_encoders(pipe)
     if not present:
@@ -378,13 +855,31 @@ def describe_pipeline(pipe, max_sequence_length: int | None = None, **call_kwarg
             f"{type(pipe).__name__} has no text encoder to prune (looked for {', '.join(TEXT_ENCODERS)}; "
             f"its components: {', '.join(components) or 'none'})"
         )
-    family = family_of(pipe)
+    if spec is None:
+        spec = getattr(pipe, SPEC_ATTRIBUTE, None)
+    elif isinstance(spec, (str, PipelineSpec)):
+        object.__setattr__(pipe, SPEC_ATTRIBUTE, spec)
+    else:
+        raise TypeError(f"spec must be a family name ({', '.join(BUILDERS)}) or a PipelineSpec, got {type(spec).__name__}")
+    if isinstance(spec, PipelineSpec):
+        encoders = {name: es for name, es in spec.encoders.items() if name in present}
+        if not encoders:
+            raise NoTextEncoderError(f"{type(pipe).__name__}: none of the spec's text encoders is loaded")
+        return PipelineSpec(pipeline=type(pipe).__name__, family=spec.family, encoders=encoders)
+    if spec is not None and spec not in BUILDERS:
+        raise UnsupportedPipelineError(f"spec={spec!r} is no family; the families: {', '.join(BUILDERS)}")
+    family = spec or family_of(pipe)
     builder = BUILDERS[family]
     unexpected = sorted(set(call_kwargs) - set(list(inspect.signature(builder).parameters)[2:]))
     if unexpected:
         raise TypeError(f"{type(pipe).__name__}: unexpected pipeline arguments {unexpected}")
-    specs = builder(pipe, max_sequence_length, **call_kwargs)
-    encoders = {name: spec for name, spec in specs.items() if name in present}
+    try:
+        specs = builder(pipe, max_sequence_length, **call_kwargs)
+    except AttributeError as e:  # a consumer module the family reads through is missing
+        raise UnsupportedPipelineError(
+            f"{type(pipe).__name__} read as {family}: {e} (the {family} spec reads its encoders through that module)"
+        ) from e
+    encoders = {name: es for name, es in specs.items() if name in present}
     if not encoders:
         raise NoTextEncoderError(f"{type(pipe).__name__}: none of its text encoders is loaded")
     return PipelineSpec(pipeline=type(pipe).__name__, family=family, encoders=encoders)
@@ -674,8 +1169,20 @@ def _qwenimage(pipe, max_seq):
     }
 
 
+def _cogview4(pipe, max_seq):
+    """CogView4: GLM-4's penultimate layer, no mask, ids left-padded to a multiple of 16 (all read)
+    -> transformer.patch_embed.text_proj."""
+    n = max_seq or _call_default(pipe, "max_sequence_length", 1024)
+    return {
+        "text_encoder": EncoderSpec(
+            "text_encoder", "tokenizer", (EncoderOutput("hidden_states[-2]", "transformer.patch_embed.text_proj"),),
+            attention_mask=False, read="all", padding="longest", max_length=n, hidden_layer=-2, pad_multiple=16,
+        )
+    }
+
+
 BUILDERS = {
     "pixart": _pixart, "sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sana": _sana, "lumina2": _lumina2,
     "zimage": _zimage, "chroma": _chroma, "auraflow": _chroma, "wan": _wan, "hidream": _hidream, "flux2": _flux2,
-    "flux2klein": _flux2klein, "qwenimage": _qwenimage,
+    "flux2klein": _flux2klein, "qwenimage": _qwenimage, "cogview4": _cogview4,
 }

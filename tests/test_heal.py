@@ -1,0 +1,219 @@
+"""Healing (issue 22): one lstsq map per run of skipped sub-blocks, merged into the kept output projection.
+
+The reference is independent of the graph passes: the dense HF model with the skipped sub-blocks silenced by
+hand (tests/factories.py `Family.reference`), whose output projection weights are multiplied by maps computed
+here with torch.linalg.lstsq on activations read by forward hooks, run by run in order."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from factories import FAMILIES, inputs
+
+import skrr_compile as skrr
+from skrr_compile.blocksearch.calibration import Calibration
+from skrr_compile.blocksearch.config import SearchConfig
+from skrr_compile.blocksearch.errors import SearchError
+from skrr_compile.blocksearch.heal import find_runs, solve
+
+
+def _calibration(n=3, batch=3):
+    chunks = [inputs(batch, 8 + 2 * i, seed=i) for i in range(n)]
+    return Calibration(prompts=["p"] * (n * batch), chunks=chunks, null=inputs(1, 3, seed=99, pad_last=False))
+
+
+_GRAPHS: dict = {}
+
+
+def _model(fam, seed=1):
+    """(model, graph) traced once per module: tracing is the dominant cost of these tests."""
+    if (fam, seed) not in _GRAPHS:
+        model = FAMILIES[fam].make(seed=seed)
+        _GRAPHS[fam, seed] = (model, skrr.trace(model))
+    return _GRAPHS[fam, seed]
+
+
+def _batches(cal):
+    return [*cal.chunks, cal.null]
+
+
+# family -> (projection module of sub-block i relative to its layer, by kind; post-LN norms by kind)
+PROJ = {
+    "llama": ("self_attn.o_proj", "mlp.down_proj", None),
+    "t5-gated": ("layer.0.SelfAttention.o", "layer.1.DenseReluDense.wo", None),
+    "bert": ("attention.output.dense", "output.dense", ("attention.output.LayerNorm", "output.LayerNorm")),
+}
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _reference_heal(fam, model, skip, runs, cal):
+    """The hand-patched model: skips silenced, then per run (kept k, last skipped e; e ends a layer) the map
+    T = lstsq(f, target - h_in) multiplied into k's projection weight (W <- T^T W, b <- T^T b)."""
+    family = FAMILIES[fam]
+    ref = family.reference(model, skip, {})
+    layers = ref.get_submodule(family.layers)
+    dense_layers = model.get_submodule(family.layers)
+    attn_p, ffn_p, norms = PROJ[fam]
+    for k, e in runs:
+        proj = layers[k // 2].get_submodule(attn_p if k % 2 == 0 else ffn_p)
+        got = {}
+        hooks = [proj.register_forward_hook(lambda m, a, o, got=got: got.__setitem__("f", o)),
+                 layers[e // 2].register_forward_hook(lambda m, a, o, got=got: got.__setitem__("out", _first(o))),
+                 dense_layers[e // 2].register_forward_hook(lambda m, a, o, got=got: got.__setitem__("dense", _first(o)))]
+        if norms:
+            hooks.append(layers[k // 2].register_forward_pre_hook(lambda m, a, got=got: got.__setitem__("layer_in", a[0])))
+            if k % 2 == 1:  # the FFN's residual input: the attention's output LayerNorm
+                ln = layers[k // 2].get_submodule(norms[0])
+                hooks.append(ln.register_forward_hook(lambda m, a, o, got=got: got.__setitem__("h_in", o)))
+        F, Y = [], []
+        with torch.no_grad():
+            for ids, mask in _batches(cal):
+                ref(ids, attention_mask=mask)
+                model(ids, attention_mask=mask)
+                m = mask.bool()
+                f, dense = got["f"][m].double(), got["dense"][m].double()
+                if not norms:  # pre-LN: the stream after the run is h_in + f (the run's branches are silenced)
+                    h_in = got["out"][m].double() - f
+                    target = dense
+                else:  # post-LN: invert the LayerNorms the run keeps (k's and each skipped one's)
+                    h_in = (got["h_in"] if k % 2 == 1 else got["layer_in"])[m].double()
+                    chain = [layers[j // 2].get_submodule(norms[j % 2]) for j in range(k, e + 1)]
+                    xs, x = [], h_in + f
+                    for ln in chain:
+                        xs.append(x)
+                        x = torch.nn.functional.layer_norm(x, ln.normalized_shape, ln.weight.double(),
+                                                           ln.bias.double(), ln.eps)
+                    target = dense
+                    for ln, cur in zip(reversed(chain), reversed(xs)):
+                        std = (cur.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+                        target = (target - ln.bias.double()) / ln.weight.double() * std + cur.mean(-1, keepdim=True)
+                F.append(f)
+                Y.append(target - h_in)
+        for h in hooks:
+            h.remove()
+        T = torch.linalg.lstsq(torch.cat(F), torch.cat(Y)).solution
+        with torch.no_grad():
+            proj.weight.copy_((T.T @ proj.weight.double()).float())
+            if proj.bias is not None:
+                proj.bias.copy_((T.T @ proj.bias.double()).float())
+    return ref
+
+
+CASES = [
+    ("llama", [2, 3, 5], [(1, 3), (4, 5)]),  # FFN 0 carries layer 1's map, MHA 2 its FFN's
+    ("t5-gated", [1, 2, 3], [(0, 3)]),  # MHA 0 kept (the shared position bias stays), FFN 0..FFN 1 healed
+    ("bert", [3], [(2, 3)]),  # post-LN: MHA 1's output dense carries FFN 1's map through two LayerNorms
+]
+
+
+@pytest.mark.parametrize("fam, skip, runs", CASES, ids=[c[0] for c in CASES])
+def test_healed_model_equals_the_hand_patched_lstsq_reference(fam, skip, runs):
+    (model, graph), cal = _model(fam), _calibration(4, 4)  # ~180 tokens: a well-posed 32 x 32 fit
+    pruned = skrr.apply(graph, skrr.Plan(skip=skip))
+    healed = skrr.heal(graph, pruned, cal, method="lstsq", ridge=0)
+    rep = healed.info["heal"]
+    assert [e["kept"] for e in rep["runs"]] == [k for k, _ in runs]
+    assert all(e["accepted"] for e in rep["runs"]), rep["runs"]
+    assert rep["discrepancy_after"] < rep["discrepancy_before"]
+    assert healed.num_params == pruned.num_params  # the maps are merged: no parameter added
+    ref = _reference_heal(fam, model, skip, runs, cal)
+    with torch.no_grad():
+        for ids, mask in [*_batches(cal), inputs(2, 7, seed=5)]:
+            want = ref(ids, attention_mask=mask).last_hidden_state
+            got = healed(ids, attention_mask=mask).last_hidden_state
+            unhealed = pruned(ids, attention_mask=mask).last_hidden_state
+            # float32 activations feed a least-squares solve: equal to ~1e-4 (the maps change outputs by ~1)
+            torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+            assert (got - want).abs().max() < 1e-2 * (unhealed - want).abs().max()
+
+
+def test_search_heals_its_plan_which_saves_loads_in_a_fresh_process_and_exports(tmp_path):
+    """skrr.search(heal=) returns the healed plan + maps; apply/materialize give it; save -> load in a new
+    process and ONNX keep its outputs; the done state resumes to the same healed result."""
+    from skrr_compile.blocksearch.laco import merged_weights, save_plan
+    from skrr_compile.blocksearch.run import materialize
+
+    (model, graph), cal = _model("llama", seed=2), _calibration()
+    res = skrr.search(model, None, cal, sparsity=0.3, beam=1, heal="lstsq", progress=False, graph=graph,
+                      out_dir=tmp_path / "s")
+    rep = res.report["heal"]
+    assert rep["discrepancy_before"] >= rep["discrepancy_after"] == res.report["discrepancy"]
+    assert sorted(res.overrides) == sorted(res.plan.info.get("merged_params", [])) and res.plan.info.get("heal")
+    healed = materialize(graph, res)
+    save_plan(res.plan, res.overrides, tmp_path / "plan.json")
+    again = skrr.apply(graph, skrr.Plan.load(tmp_path / "plan.json"),
+                       merged=merged_weights(skrr.Plan.load(tmp_path / "plan.json"), tmp_path / "plan.json"))
+    ids, mask = inputs(2, 9, seed=7)
+    with torch.no_grad():
+        want = healed(ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(again(ids, attention_mask=mask).last_hidden_state, want)
+    resumed = skrr.search(model, None, cal, sparsity=0.3, beam=1, heal="lstsq", progress=False, graph=graph,
+                          out_dir=tmp_path / "s", resume=True)
+    assert resumed.plan.to_dict() == res.plan.to_dict() and sorted(resumed.overrides) == sorted(res.overrides)
+    skrr.save(healed, tmp_path / "m")
+    torch.save({"ids": ids, "mask": mask, "want": want}, tmp_path / "io.pt")
+    code = (f"import torch, skrr_compile as s; d = torch.load(r'{tmp_path}/io.pt'); m = s.load(r'{tmp_path}/m'); "
+            "o = m(d['ids'], attention_mask=d['mask']).last_hidden_state; "
+            "print(float((o - d['want']).abs().max()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+    onnx = pytest.importorskip("onnxruntime")
+    skrr.export_onnx(healed, tmp_path / "e.onnx")
+    sess = onnx.InferenceSession(str(tmp_path / "e.onnx"))
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, dict(zip(names, [ids.numpy(), mask.numpy()])))[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_hard_cases_are_refused_with_their_reason():
+    (_, graph), cal = _model("llama"), _calibration()
+    runs = find_runs(graph, skrr.Plan(skip=[0, 1, 3, 4], reuse={4: 2}))
+    assert runs[0].reason.startswith("the run starts at sub-block 0")
+    assert "re-used by sub-block(s) [4]" in runs[1].reason  # MHA 2's projection is shared with 4
+    gem = find_runs(skrr.trace(FAMILIES["gemma2"].make()), skrr.Plan(skip=[2]))
+    assert "does not end in a Linear" in gem[0].reason  # Gemma's sandwich norm sits after o_proj
+    with pytest.raises(SearchError, match="nothing to heal: the plan has no run"):
+        skrr.heal(graph, skrr.apply(graph, skrr.Plan(skip=[3], reuse={3: 1})), cal)
+    with pytest.raises(SearchError, match="no run of this plan could be healed.*sub-block 0"):
+        skrr.heal(graph, skrr.apply(graph, skrr.Plan(skip=[0])), cal)
+    _, other = _model("llama", seed=2)
+    with pytest.raises(SearchError, match="not the one this model was pruned from") as e:
+        skrr.heal(other, skrr.apply(graph, skrr.Plan(skip=[3])), cal)
+    assert "\n" not in str(e.value)
+
+
+def test_too_few_tokens_fall_back_to_ridge_and_a_singular_system_is_a_one_line_error():
+    A = torch.eye(4, dtype=torch.float64)
+    A[3, 3] = 0.0
+    T, ridge, warning = solve(A, torch.ones(4, 4, dtype=torch.float64), n=3, ridge=0.0, label="2-3")
+    assert ridge == 1e-2 and "3 calibration tokens for a 4 x 4 map (an exact fit needs at least 4)" in warning
+    with pytest.raises(SearchError, match=r"singular \(rank 3 of 4 over 10 tokens\); pass heal_ridge > 0"):
+        solve(A, torch.ones(4, 4, dtype=torch.float64), n=10, ridge=0.0, label="2-3")
+    with pytest.raises(SearchError, match="zero on every calibration token"):
+        solve(torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64), n=10, ridge=1e-4)
+
+
+def test_replaceme_is_a_healed_span_of_whole_layers_and_cosine_heals_too():
+    (model, graph), cal = _model("t5-gated"), _calibration()
+    res = skrr.search(model, None, cal, sparsity=0.2, method="replaceme", progress=False, graph=graph)
+    s, n = res.report["replaceme"]["start"], res.report["replaceme"]["layers"]
+    assert list(res.plan.skip) == list(range(2 * s, 2 * (s + n))) and s >= 1
+    assert [e["kept"] for e in res.report["heal"]["runs"]] == [2 * s - 1]  # the FFN before the span
+    cos = skrr.heal(graph, skrr.apply(graph, skrr.Plan(skip=[1, 2])), cal, method="cosine", steps=5)
+    assert cos.info["heal"]["method"] == "cosine" and cos.info["heal"]["runs"][0]["kept"] == 0
+
+
+def test_heal_options_key_the_state_only_when_set():
+    plain = SearchConfig.from_kwargs(sparsity=0.3)
+    assert "heal" not in plain.resume_fields()
+    healed = plain.replace(heal="cosine", heal_ridge=0.01)
+    assert healed.resume_fields()["heal"]["heal"] == "cosine"
+    assert SearchConfig.from_json(healed.to_json()) == healed
+    with pytest.raises(SearchError, match="heal must be one of lstsq, cosine"):
+        SearchConfig.from_kwargs(sparsity=0.3, heal="sgd")
