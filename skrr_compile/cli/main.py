@@ -156,6 +156,9 @@ def existing_dir(path: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from skrr_compile.utils.quiet import import_torchao_quietly
+
+    import_torchao_quietly()  # before anything imports it (the parser's quantize options, transformers)
     parser = build_parser()
     args = parser.parse_args(argv)
     # dependency bars (loading / writing weights) redraw with carriage returns: none in logs, none when --quiet

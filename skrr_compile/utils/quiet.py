@@ -53,3 +53,12 @@ def drop_log_records(logger: str, starts: str, contains: str) -> None:
     lg = logging.getLogger(logger)
     if not any(isinstance(f, _DropRecords) and (f.starts, f.contains) == (starts, contains) for f in lg.filters):
         lg.addFilter(_DropRecords(starts, contains))
+
+
+def import_torchao_quietly() -> None:
+    """Hide torchao's import-time noise wherever it is imported (transformers imports it on its own when it
+    loads a config): on CPU it logs "Failed to load ..._C_mxfp8 / _C_cutlass_90a" (CUDA-only extensions), and
+    its Enum register_constant calls make torch's pytree log a deprecation. Narrow record filters, kept."""
+    drop_log_records("torch.utils._pytree", "<enum ", "register_constant() on Enum subclasses is deprecated")
+    for name in ("torchao", "torchao.utils", ""):
+        drop_log_records(name, "Failed to load", "torchao/_C")
