@@ -218,7 +218,7 @@ def test_dry_run_on_the_t5_xxl_config_allocates_no_weights_and_fits_24_gb(tmp_pa
     assert 9.0 < gib <= 22.0  # more than the 8.87 GiB of bf16 weights, and it fits a 24 GB card
     assert "1000 prompts in 63 chunks, largest 16 x 256 tokens" in out.stdout
     maxrss_gb = int(out.stdout.split("maxrss_kb")[1].split()[0]) / 2**20
-    assert maxrss_gb < 2.0  # the weights (8.9 GiB in bf16) were never allocated
+    assert maxrss_gb < 3.0  # the weights (8.9 GiB in bf16) were never allocated (torch + torchao: about 2 GB)
     assert not (tmp_path / "out").exists()
 
 
