@@ -143,8 +143,10 @@ def main() -> int:
                         "world": res.report["distributed"]["world_size"], "merged": res.overrides}, out)
         return 0
     try:
+        batch = os.environ.get("CANDIDATE_BATCH", "1")
         res = skrr.search(model, None, t5_calibration(), sparsity=0.45, method="skrr", progress=False,
-                          out_dir=state, resume="--resume" in sys.argv)
+                          out_dir=state, resume="--resume" in sys.argv,
+                          candidate_batch=batch if batch == "auto" else int(batch))
     except KeyboardInterrupt:
         return 130
     if rank == 0:

@@ -66,6 +66,17 @@ def test_two_ranks_give_the_identical_plan_and_scores_as_one_process(tmp_path):
     assert a["distributed"]["world_size"] == 1
 
 
+def test_candidate_batching_on_two_ranks_gives_the_plan_and_scores_of_one_process_one_at_a_time(tmp_path):
+    """Ranks stack the same candidates (chosen from what every rank knows) on their own chunks."""
+    one = single(["api", str(tmp_path / "one.json")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    results, _ = launch(["api", str(tmp_path / "two.json")], env={"CANDIDATE_BATCH": "4"})
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    same(a, b)
+    assert a["counter"]["stacked_stage_runs"] == 0 and b["counter"]["stacked_stage_runs"] > 0
+
+
 def test_resume_with_another_number_of_ranks_gives_the_identical_plan(tmp_path):
     whole = single(["api", str(tmp_path / "whole.json")])
     assert whole.returncode == 0, whole.stderr[-2000:]

@@ -149,6 +149,8 @@ class MemoryConfig:
     device: str | None = None  # default: where the model is
     device_budget_gb: float | None = None
     weights_path: str | None = None  # offload "disk": the checkpoint directory whose safetensors are read
+    # candidates scored in one stacked forward (1: one at a time; "auto": sized by rows and the device budget)
+    candidate_batch: int | str = 1
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):
@@ -171,6 +173,13 @@ class MemoryConfig:
         _number("device_budget_gb", self.device_budget_gb)
         if self.weights_path is not None:
             _set(self, "weights_path", str(self.weights_path))
+        if self.candidate_batch != "auto":
+            if isinstance(self.candidate_batch, str) and self.candidate_batch.isdigit():
+                _set(self, "candidate_batch", int(self.candidate_batch))
+            if isinstance(self.candidate_batch, bool) or not isinstance(self.candidate_batch, int) \
+                    or self.candidate_batch < 1:
+                raise SearchError(f"candidate_batch must be a number of candidates >= 1 or 'auto', "
+                                  f"got {self.candidate_batch!r}")
         if self.offload == "disk" and self.weights_path is None:
             raise SearchError("offload='disk' needs weights_path: the checkpoint directory whose safetensors are read")
 

@@ -144,6 +144,9 @@ class CacheBudget:
 # order: score next each candidate's chunk with the largest parent's share of D per unit of work (tokens x
 #        stages from the deepest state in the memo).
 LEVERS = ("abandon", "memo", "order")
+# candidate batching "auto": prompt rows per stacked forward, by device kind, and the most candidates in one
+AUTO_ROWS = {"cpu": 4, "cuda": 256}
+AUTO_MAX = 32
 
 
 class Evaluator:
@@ -158,7 +161,8 @@ class Evaluator:
     def __init__(self, runner: StagedRunner, calibration: Calibration, projection=None,
                  select: Callable = last_hidden_state, cache_bytes: int = 4 << 30, beam: int = 3,
                  progress: bool = False, host_cache_bytes: int = 0, reference: str = "device",
-                 reference_path=None, group=None, levers: Sequence[str] | None = None):
+                 reference_path=None, group=None, levers: Sequence[str] | None = None,
+                 candidate_batch: int | str = 1):
         self.started = time.perf_counter()  # per-step "elapsed" in the report counts from here
         self.levers = frozenset(LEVERS if levers is None else levers)
         if not self.levers <= set(LEVERS):
@@ -206,8 +210,73 @@ class Evaluator:
             self.disc.prompt_counts = [float(sum(int(c[i]) for c in counts)) for i in range(len(counts[0]))]
         self.shares: dict[int, dict] = {}
         # the reference forward is not part of the search's cost (the naive search runs one too)
+        self.candidate_batch = self.resolve_candidate_batch(candidate_batch)
         for name in ("block_evals", "prompt_block_evals", "token_block_evals", "chunk_evals", "prefix_evals"):
             setattr(runner.counter, name, 0)
+
+    def resolve_candidate_batch(self, n: int | str) -> int:
+        """How many candidates one stacked forward carries: at most as many as fit in an eighth of the device
+        budget at the largest chunk's activation peak (`lane_peak_bytes`). "auto": also about AUTO_ROWS
+        prompt rows per stacked forward (by device kind: where the per-prompt cost of a stage stops
+        falling), at most AUTO_MAX, and only where stacked rows are bit-identical to rows alone (`probe`);
+        an explicit N runs either way (the report and the log say when they are not). Every rank uses the
+        smallest of the ranks' sizes (they pick the same batches)."""
+        self.lane_bytes, self.stacking = 0, None
+        width = 1
+        if n != 1:
+            self.lane_bytes = self.lane_peak_bytes()
+            fit = max(1, int(self.budget.limit["device"] // 8 // max(1, self.lane_bytes)))
+            if n == "auto":
+                rows = max(self.inputs[c][0].shape[0] for c in self.chunks)
+                n = max(1, AUTO_ROWS.get(self.budget.device.type, AUTO_ROWS["cpu"]) // rows)
+                auto = True
+            else:
+                auto = False
+            width = max(1, min(int(n), fit, AUTO_MAX if auto else int(n)))
+            if width > 1:
+                diff = self.probe(width)
+                self.stacking = {"bit_identical": diff == 0.0, "max_relative_difference": diff}
+                if diff and auto:
+                    width = 1
+        if self.group.world > 1:
+            width = min(self.group.gather_objects(width))
+        return width
+
+    def probe(self, width: int) -> float:
+        """The largest relative difference between a chunk's dense stream scored alone and stacked with copies
+        of itself (2 and `width` copies), on the largest and the smallest chunk: 0.0 where this backend
+        computes a row the same whatever the batch (one CPU thread; not several, whose split follows the
+        batch; GPUs vary by kernel)."""
+        r, worst = self.runner, 0.0
+        for c in {max(self.chunks, key=lambda c: self.tokens[c]), min(self.chunks, key=lambda c: self.tokens[c])}:
+            ctx = self.context(c)
+            alone = ctx["s0"]
+            for k in range(r.num_blocks):
+                alone = r.stage(k, alone, ctx, "keep")
+            for n in sorted({2, width}):
+                bctx = self.batch_context((c,) * n, {})
+                h = bctx["s0"]
+                for k in range(r.num_blocks):
+                    h = r.stage(k, h, bctx, "keep")
+                scale = float(alone.abs().max()) or 1.0
+                worst = max(worst, max(float((part - alone).abs().max()) / scale for part in h.split(alone.shape[0])))
+        r.counter.block_evals = 0
+        return worst
+
+    def lane_peak_bytes(self) -> int:
+        """Bytes alive at the peak of the costliest stage on the largest chunk (one candidate's share of a
+        stacked forward): every stage run once, dense, from the chunk's s_0."""
+        c = max(self.chunks, key=lambda c: self.tokens[c])
+        ctx, r = self.context(c), self.runner
+        h, peak = ctx["s0"], 0
+        before = r.counter.block_evals
+        for k in range(r.num_blocks):
+            r.live = 0
+            h = r.stage(k, h, ctx, "keep")
+            peak = max(peak, r.live)
+        r.live = None
+        r.counter.block_evals = before
+        return peak
 
     def context(self, c: int) -> dict:
         """Chunk c's prefix values (embeddings, masks, position bias): kept ones, else recomputed."""
@@ -313,6 +382,144 @@ class Evaluator:
         del ctx, bvals
         return out
 
+    def shape_of(self, c: int) -> tuple:
+        """What must agree for chunks' states to stack on the batch dimension: all but the rows."""
+        return tuple(self.inputs[c][0].shape[1:])
+
+    def batch_context(self, chunks: tuple[int, ...], made: dict) -> dict:
+        """The context of the chunks' rows stacked in this order (one chunk: its own); `made` keeps the ones
+        this batch built. Each value is what the prefix gives for those rows stacked: per-row values are
+        concatenated, values that do not depend on the rows taken once, sizes that count the rows scaled
+        (`stacking_plan`); where a value fits none of these the prefix runs on the stacked inputs."""
+        if len(chunks) == 1:
+            return self.context(chunks[0])
+        if chunks not in made:
+            plan = self.stacking_plan()
+            if plan is None:
+                self.runner.counter.prefix_evals += 1
+                made[chunks] = self.runner.prefix(torch.cat([self.inputs[c][0] for c in chunks]),
+                                                  torch.cat([self.inputs[c][1] for c in chunks]))
+            else:
+                ctxs = [self.context(c) for c in chunks]
+                rows = sum(self.inputs[c][0].shape[0] for c in chunks)
+                made[chunks] = {key: (torch.cat([ctx[key] for ctx in ctxs]) if kind == "rows" else
+                                      kind * rows if isinstance(kind, int) else ctxs[0][key])
+                                for key, kind in plan.items()}
+        return made[chunks]
+
+    def stacking_plan(self) -> dict | None:
+        """How each context value stacks, probed once on the largest chunk: the prefix of its rows twice vs
+        once. "rows": stacked on dim 0; "shared": equal (also on a second chunk of that shape, when there is
+        one); an int a: a size of a x rows. None when some value fits none of them."""
+        if hasattr(self, "_stacking_plan"):
+            return self._stacking_plan
+        c = max(self.chunks, key=lambda c: self.tokens[c])
+        ids, mask = self.inputs[c]
+        one = self.runner.prefix(ids, mask)
+        two = self.runner.prefix(torch.cat([ids, ids]), torch.cat([mask, mask]))
+        other = next((d for d in self.chunks if d != c and self.shape_of(d) == self.shape_of(c)), None)
+        again = self.runner.prefix(*self.inputs[other]) if other is not None else one
+        rows, plan = ids.shape[0], {}
+        for key, v in one.items():
+            w = two.get(key)
+            if isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor):
+                if v.dim() and w.shape[0] == 2 * v.shape[0] and w.shape[1:] == v.shape[1:]:
+                    plan[key] = "rows"
+                elif w.shape == v.shape and torch.equal(w, v) and torch.equal(again[key], v):
+                    plan[key] = "shared"
+                else:
+                    plan = None
+                    break
+            elif isinstance(v, int) and isinstance(w, int) and not isinstance(v, bool):
+                if w == v and again[key] == v:
+                    plan[key] = "shared"
+                elif w == 2 * v and v % rows == 0:
+                    plan[key] = v // rows
+                else:
+                    plan = None
+                    break
+            elif type(v) is type(w) and v == w:
+                plan[key] = "shared"
+            else:
+                plan = None
+                break
+        self._stacking_plan = plan
+        return plan
+
+    def run_batch(self, members: Sequence[tuple[Config, int, list[tuple], int]], share: float = 1.0) -> list:
+        """The outputs of several (config, start, keys, chunk) whose chunks have one shape, their states
+        stacked on the batch dimension: at each stage the distinct states (one per chunk and prefix key:
+        configurations that agree below k share s_k) are grouped by the mode they run it in, and each group is
+        one forward. Each member starts from the deepest state the memo holds for it, as in `run_chunk`; the
+        states computed at stored boundaries go into the memo while the budget allows. The rows of a stacked
+        forward are computed as when alone where the backend's kernels do not depend on the batch size
+        (measured bit-identical on CPU: bench/results/chunk_cost_cpu.txt, candidate_batch_*_cpu.txt)."""
+        r, counter, K = self.runner, self.runner.counter, self.runner.num_blocks
+        ctxs = {c: self.context(c) for *_, c in members}
+        made: dict = {}
+        starts = []
+        for config, start, keys, c in members:
+            i0 = self._deepest(c, keys, None if "memo" in self.levers else start)
+            if i0 > start:
+                counter.memo_starts += 1
+                counter.memo_stages_saved += sum(1 for k in range(start, i0) if config.mode(k) != "skip")
+            starts.append(i0)
+        bvals = []
+        for (_, _, keys, c), i0 in zip(members, starts):
+            b = {b: self.budget.fetch(self.memo[(c, b, keys[b])]) for b in r.suffix_boundaries if 0 < b <= i0}
+            if 0 in r.suffix_boundaries:
+                b[0] = ctxs[c]["s0"]
+            bvals.append(b)
+        lanes: dict[tuple, torch.Tensor] = {}  # (chunk, prefix key at the current boundary) -> that state
+        stacked: dict[tuple, torch.Tensor] = {}  # consecutive lanes -> the stacked state they are parts of
+        storing = True
+        for k in range(min(starts), K):
+            for (_, _, keys, c), i0 in zip(members, starts):
+                if i0 == k and (c, keys[k]) not in lanes:
+                    lanes[(c, keys[k])] = self.budget.fetch(self.memo[(c, k, keys[k])]) if k else ctxs[c]["s0"]
+            groups: dict = {}  # mode -> {lane at k: [lane at k+1, the first start among its members]}
+            for (config, start, keys, c), i0 in zip(members, starts):
+                if i0 <= k:
+                    lane = groups.setdefault(config.mode(k), {}).setdefault((c, keys[k]), [(c, keys[k + 1]), start])
+                    lane[1] = min(lane[1], start)
+            nxt, nxt_stacked = {}, {}
+            for mode, group in groups.items():
+                ids = tuple(group)
+                h = lanes[ids[0]] if len(ids) == 1 else stacked.get(ids)
+                if h is None:
+                    h = torch.cat([lanes[lane] for lane in ids])
+                h = r.stage(k, h, self.batch_context(tuple(c for c, _ in ids), made), mode)
+                if mode != "skip":
+                    counter.block_evals += len(ids) - 1
+                    counter.prompt_block_evals += sum(self.inputs[c][0].shape[0] for c, _ in ids)
+                    counter.token_block_evals += sum(self.tokens[c] for c, _ in ids)
+                    counter.recompute_evals += sum(1 for _, first in group.values() if k < first)
+                    counter.stacked_stage_runs += len(ids) > 1
+                    counter.stacked_lanes += len(ids) if len(ids) > 1 else 0
+                outs = [lane[0] for lane in group.values()]
+                if len(ids) > 1:
+                    nxt_stacked[tuple(outs)] = h
+                    nxt.update(zip(outs, h.split([self.inputs[c][0].shape[0] for c, _ in ids])))
+                else:
+                    nxt[outs[0]] = h
+                del h
+            lanes, stacked = nxt, nxt_stacked
+            if storing and self.stored(k + 1):
+                parts = {lane for ids in stacked for lane in ids}
+                for (c, key), h in lanes.items():  # a part of a stacked state is stored as its own copy
+                    if (c, k + 1, key) not in self.memo:
+                        storing = self._put((c, k + 1, key), h.clone() if (c, key) in parts else h, share)
+                        if not storing:
+                            break
+            if k + 1 in r.suffix_boundaries:
+                for (_, _, keys, c), i0, b in zip(members, starts, bvals):
+                    if i0 <= k:
+                        b[k + 1] = lanes[(c, keys[k + 1])]
+        counter.chunk_evals += len(members)
+        outs = [r.suffix(b, ctxs[c]) for b, (*_, c) in zip(bvals, members)]
+        del lanes, stacked, bvals, ctxs, made
+        return outs
+
     def chunk_contribution(self, config: Config, c: int, start: int = 0, keys: list[tuple] | None = None) -> float:
         """Chunk c's share of D for `config` (c = -1: the null prompt)."""
         return self.disc.contribution(None if c < 0 else c, self.run_chunk(config, c, start, keys))
@@ -386,31 +593,69 @@ class Evaluator:
         received: list[list] = [[] for _ in cands]  # (global chunk, share of D) from every rank
         self.shares = {}
         bar = progress_bar(total=len(cands) * self.rounds, desc=desc, disable=not self.progress, unit="round")
-        while heap:
-            lower, prio, i = heapq.heappop(heap)
-            if "abandon" in self.levers and len(finished) >= k and lower > finished[k - 1][0]:
-                r.counter.abandoned += 1 + len(heap)
-                break
-            cand = cands[i]
+        width = self.candidate_batch
+
+        def order(i: int) -> list[int]:
             if i not in orders:
-                keys[i] = prefix_keys(cand.config, r.num_blocks)
-                orders[i] = self.chunk_order(cand.shares, cand, keys[i])
-            pair = None
-            if progress[i] < len(orders[i]):
-                c = orders[i][progress[i]]
-                pair = (float(self.global_id[c]), self.chunk_contribution(cand.config, c, cand.start, keys[i]))
-            received[i] += self.group.gather_pairs(pair)
-            partial[i] = fold(received[i])  # in global chunk order: a lower bound, and at the end D itself
-            progress[i] += 1
-            bar.update(1)
-            if progress[i] == self.rounds:
-                done[i] = partial[i]
-                self.shares[i] = dict(received[i])
-                del orders[i], keys[i]
-                bisect.insort(finished, (partial[i], cand.tie))
-                bar.set_postfix(best=f"{finished[0][0]:.4g}", scored=len(done))
-            else:
-                heapq.heappush(heap, (partial[i], prio, i))
+                keys[i] = prefix_keys(cands[i].config, r.num_blocks)
+                orders[i] = self.chunk_order(cands[i].shares, cands[i], keys[i])
+            return orders[i]
+
+        def stacks_with(i: int):
+            """What must agree for i to stack with other candidates: the shape of its next chunk here;
+            across ranks (whose chunks differ) its progress and parent, which every rank knows (candidates of
+            one parent score their chunks in about one order)."""
+            if self.group.world > 1:
+                return progress[i], id(cands[i].shares)
+            o = order(i)
+            return self.shape_of(o[progress[i]]) if progress[i] < len(o) else None
+
+        while heap:
+            if "abandon" in self.levers and len(finished) >= k and heap[0][0] > finished[k - 1][0]:
+                r.counter.abandoned += len(heap)
+                break
+            batch = [heapq.heappop(heap)]
+            if width > 1 and heap:
+                # companions: the next lowest partial sums (those best-first scores next) that pass the
+                # bar and whose next chunks stack with the first one's
+                cut = finished[k - 1][0] if "abandon" in self.levers and len(finished) >= k else float("inf")
+                want = stacks_with(batch[0][2])
+                picks = heapq.nsmallest(width - 1, (e for e in heap if e[0] <= cut and stacks_with(e[2]) == want))
+                if picks:
+                    taken = {e[2] for e in picks}
+                    heap = [e for e in heap if e[2] not in taken]
+                    heapq.heapify(heap)
+                    batch += picks
+            by_shape: dict[tuple, list[int]] = {}  # shape of this rank's next chunk -> members scoring one
+            for _, _, i in batch:
+                o = order(i)
+                if progress[i] < len(o):
+                    by_shape.setdefault(self.shape_of(o[progress[i]]), []).append(i)
+            pairs: dict[int, tuple[float, float]] = {}
+            for members in by_shape.values():
+                chunks = [orders[i][progress[i]] for i in members]
+                if len(members) == 1:
+                    i = members[0]
+                    values = [self.chunk_contribution(cands[i].config, chunks[0], cands[i].start, keys[i])]
+                else:
+                    outs = self.run_batch([(cands[i].config, cands[i].start, keys[i], c) for i, c in zip(members, chunks)])
+                    values = [self.disc.contribution(None if c < 0 else c, out) for c, out in zip(chunks, outs)]
+                    del outs
+                pairs.update((i, (float(self.global_id[c]), v)) for i, c, v in zip(members, chunks, values))
+            for _, prio, i in batch:
+                cand = cands[i]
+                received[i] += self.group.gather_pairs(pairs.get(i))
+                partial[i] = fold(received[i])  # in global chunk order: a lower bound, and at the end D itself
+                progress[i] += 1
+                bar.update(1)
+                if progress[i] == self.rounds:
+                    done[i] = partial[i]
+                    self.shares[i] = dict(received[i])
+                    del orders[i], keys[i]
+                    bisect.insort(finished, (partial[i], cand.tie))
+                    bar.set_postfix(best=f"{finished[0][0]:.4g}", scored=len(done))
+                else:
+                    heapq.heappush(heap, (partial[i], prio, i))
         bar.close()
         return done
 

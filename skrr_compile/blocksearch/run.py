@@ -56,6 +56,18 @@ def prepare_calibration(tokenizer, prompts, *, max_length=None, padding="longest
                     template=template, drop_tokens=drop_tokens)
 
 
+def stacking_line(asked, ev) -> str:
+    """What candidate batching does on this backend (the probe of stacked rows against rows alone)."""
+    st = ev.stacking
+    if st["bit_identical"]:
+        return f"candidate batching: {ev.candidate_batch} candidates per stacked forward (rows bit-identical to rows alone here)"
+    diff = f"stacked rows differ from rows alone by up to {st['max_relative_difference']:.1e} (relative) on this backend"
+    if asked == "auto":
+        return f"candidate batching auto: off ({diff}; --candidate-batch N stacks anyway)"
+    return (f"candidate batching: {ev.candidate_batch} candidates per stacked forward; {diff}: scores may differ from "
+            "scoring one at a time in the last bits, the plan only between candidates that tie that closely")
+
+
 def search(
     model,
     tokenizer,
@@ -169,8 +181,10 @@ def search(
     progress = progress and group.is_writer  # bars and logs on rank 0 only
     ev = Evaluator(runner, calibration, projection, select, cache_bytes=cache_bytes, group=group,
                    beam=width_k, progress=progress, host_cache_bytes=int(host_cache_gb * (1 << 30)),
-                   reference=reference, levers=levers, reference_path=(Path(out_dir) / (".reference.safetensors" if group.world == 1 else
+                   reference=reference, levers=levers, candidate_batch=m.candidate_batch, reference_path=(Path(out_dir) / (".reference.safetensors" if group.world == 1 else
                                                      f".reference.rank{group.rank}.safetensors")) if out_dir else None)
+    if progress and ev.stacking is not None:
+        print(stacking_line(m.candidate_batch, ev), flush=True)
     report: dict = {"method": method, "target_sparsity": sparsity, "beam": t.width, "config": config.to_dict()}
     if quant is not None:  # the reference above is dense full precision; every candidate now runs quantized
         from skrr_compile.blocksearch.quantized import quantize_evaluator
@@ -215,6 +229,8 @@ def search(
         "counter": runner.counter.to_dict(),
         "seconds": time.perf_counter() - t0,
         "kernels_backend": ev.disc.backend,
+        "candidate_batch": {"asked": m.candidate_batch, "used": ev.candidate_batch, "lane_peak_bytes": ev.lane_bytes,
+                            "stacking": ev.stacking},
         "cache": {"stride": ev.stride, "boundary_bytes": ev.per_boundary_bytes,
                   "note": f"every {ev.stride}. boundary of each beam kept ({ev.per_boundary_bytes / 2**20:.1f} MiB each)"},
         "dtype": str(dtype).removeprefix("torch."),

@@ -54,7 +54,8 @@ class Counter:
     a stage does, where the null prompt's few tokens weigh little); recompute_evals: stages run before a
     candidate's first change (rebuilding a state the budget did not keep); memo_starts / memo_stages_saved:
     chunk evaluations that started past their first change, from a state another configuration computed,
-    and the stages that saved."""
+    and the stages that saved; stacked_stage_runs / stacked_lanes: stage runs that carried several states
+    stacked on the batch dimension (candidate batching) and the states they carried."""
 
     block_evals: int = 0
     prompt_block_evals: int = 0
@@ -66,6 +67,8 @@ class Counter:
     prefix_evals: int = 0
     memo_starts: int = 0
     memo_stages_saved: int = 0
+    stacked_stage_runs: int = 0
+    stacked_lanes: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,6 +120,7 @@ class StagedRunner:
         self.needed_leaves = list(range(len(self.leaves)))
         self._update_suffix_needs()
         self.counter = Counter()
+        self.live: int | None = None  # set to 0 to measure the peak bytes alive in the segments run
 
     def _split_prefix(self) -> None:
         """Shared prefix values (read by several stages or the suffix) vs values private to one stage."""
@@ -219,8 +223,7 @@ class StagedRunner:
             return t
         return self.weights.get(node.target, t)
 
-    @staticmethod
-    def _run(segment: _Segment, env: dict, lookup, capture: dict | None = None) -> None:
+    def _run(self, segment: _Segment, env: dict, lookup, capture: dict | None = None) -> None:
         for n, frees in zip(segment.nodes, segment.frees):
             if n.op == "get_attr":
                 env[n] = lookup(n)
@@ -231,6 +234,9 @@ class StagedRunner:
                 del args, kwargs
                 if capture is not None and n.name in capture:  # healing reads a value inside the stage
                     capture[n.name] = env[n]
+            if self.live is not None:  # measuring: the bytes of the values alive (candidate batching's sizing)
+                self.live = max(self.live, sum(v.numel() * v.element_size() for a, v in env.items()
+                                               if isinstance(v, torch.Tensor) and a.op != "get_attr"))
             for a in frees:
                 env.pop(a, None)
 

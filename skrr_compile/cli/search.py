@@ -107,9 +107,20 @@ def _memory_args(p) -> None:
                    help="cpu: weights stay in host memory, each stage's copied to the device as it runs; "
                         "disk: read from the checkpoint's safetensors by memory map (the model is never loaded)")
     g.add_argument("--device-budget-gb", type=float, help="with --offload: device memory the weights may use")
+    g.add_argument("--candidate-batch", default="1", type=_candidate_batch, metavar="N|auto",
+                   help="candidates scored in one stacked forward (exact; auto: sized by prompt rows and the "
+                        "--cache-gb budget; default 1, one at a time)")
     add_dist_timeout(g)
     g.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device (no weights), print the memory plan, exit")
+
+
+def _candidate_batch(text: str):
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a number of candidates >= 1 or 'auto', got {text!r}")
 
 
 def search_config(args, **changes) -> SearchConfig:
@@ -122,7 +133,7 @@ def search_config(args, **changes) -> SearchConfig:
     if hasattr(args, "offload"):  # search / prune: the memory options
         options.update(cache_gb=args.cache_gb, dtype=args.dtype, reference=args.reference,
                        host_cache_gb=args.host_cache_gb, offload=args.offload, device=_device(args),
-                       device_budget_gb=args.device_budget_gb,
+                       device_budget_gb=args.device_budget_gb, candidate_batch=args.candidate_batch,
                        weights_path=resolve_model_path(args.model) if args.offload == "disk" else None)
     if getattr(args, "heal", None):
         options.update(heal=args.heal, heal_ridge=args.heal_ridge)
