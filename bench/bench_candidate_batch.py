@@ -43,6 +43,23 @@ def child(args) -> None:
     cal = calibration(args, tok)  # SmolLM2: behind its chat template, as bench_search.py reads it
     cal = cal.to(device) if device.type != "cpu" else cal
     graph = skrr.trace(model)
+    stage_times: dict = {}
+    if args.stage_times:  # time every stage run by its stacked rows and mode (where the per-row cost goes)
+        from skrr_compile.blocksearch.runner import StagedRunner
+
+        run_stage = StagedRunner.stage
+
+        def timed(self, k, h, ctx, mode="keep", capture=None):
+            t = time.perf_counter()
+            out = run_stage(self, k, h, ctx, mode, capture)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            e = stage_times.setdefault(f"{h.shape[0]} {mode if mode in ('keep', 'skip') else 'reuse'}", [0, 0.0])
+            e[0] += 1
+            e[1] += time.perf_counter() - t
+            return out
+
+        StagedRunner.stage = timed
     batch = args.child if args.child == "auto" else int(args.child)
     t0 = time.perf_counter()
     res = search(model, tok, cal, sparsity=args.one_sparsity, method=args.method, progress=False, graph=graph,
@@ -55,7 +72,7 @@ def child(args) -> None:
                       "memo_peak": rep["memory"]["cache"]["peak_bytes"],
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
-                      "prompts": cal.num_prompts, "chunks": len(cal.chunks),
+                      "stage_times": stage_times, "prompts": cal.num_prompts, "chunks": len(cal.chunks),
                       "tokens": int(sum(int(ids.numel()) for ids, _ in cal.chunks))}))
 
 
@@ -67,6 +84,7 @@ def main() -> None:
     add_setup_args(ap, chunk_size=1)
     ap.add_argument("--batches", default="1,2,4,8,auto", help="settings, one at a time first")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the search runs where the model is)")
+    ap.add_argument("--stage-times", action="store_true", help="also time every stage run by stacked rows and mode")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--one-sparsity", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -81,7 +99,7 @@ def main() -> None:
     settings = args.batches.split(",")
     base_argv = [sys.executable, __file__, "--model", args.model, "--prompts", args.prompts, "--n", str(args.n),
                  "--max-length", str(args.max_length), "--chunk-size", str(args.chunk_size), "--beam",
-                 str(args.beam), "--method", args.method, "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+                 str(args.beam), "--method", args.method, "--device", args.device] + (["--stage-times"] if args.stage_times else []) + (["--threads", str(args.threads)] if args.threads else [])
     summary = []
     for sp in [float(x) for x in args.sparsity.split(",")]:
         rows = {}
@@ -114,6 +132,11 @@ def main() -> None:
                   f"{c['stacked_stage_runs']:>12,} {lanes:>9.2f} {r[peak]:>11.0f} {r[peak] / ref[peak]:>5.2f}x "
                   f"{r['memo_peak']['device'] / 2**20:>8.1f} plan {'yes' if plan_same else 'NO'}, scores "
                   f"{'bit-identical' if bits else f'within {rel:.1e}'}{note}")
+            if r["stage_times"]:
+                cost = {key: v for key, v in r["stage_times"].items() if key.endswith("keep")}
+                print("        keep stages by stacked rows: " + ", ".join(
+                    f"{key.split()[0]} rows {v[0]:,} runs {v[1] / v[0] / int(key.split()[0]) * 1e3:.3f} ms/row"
+                    for key, v in sorted(cost.items(), key=lambda kv: int(kv[0].split()[0]))))
             summary.append((sp, s, ref["wall"] / r["wall"], c["prompt_block_evals"] / ref["counter"]["prompt_block_evals"],
                             r[peak] / ref[peak], plan_same, bits))
     best = [x for x in summary if x[1] != settings[0]]

@@ -369,3 +369,30 @@ def test_saved_pipeline_files_follow_the_umask(tmp_path):
              if stat.S_IMODE(p.stat().st_mode) != (0o750 if p.is_dir() else 0o640)}
     assert not wrong
     assert any(p.name.endswith(".safetensors") for p in paths)
+
+
+def test_cli_prune_pipeline_heals_as_the_api_does_and_the_saved_pipeline_carries_the_maps(tmp_path, capsys):
+    from skrr_compile.deploy.pipelines.prune import prune_pipeline
+
+    prompts = T5_PROMPT_CORPUS[:6]
+    (tmp_path / "calib.txt").write_text("\n".join(prompts) + "\n")
+    _pipe("sd").save_pretrained(tmp_path / "sd")
+    assert cli.main(["prune-pipeline", str(tmp_path / "sd"), "--prompts", str(tmp_path / "calib.txt"),
+                     "--sparsity", "0.3", "--heal", "lstsq", "--candidate-batch", "2", "--quiet",
+                     "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    api, plain = _pipe("sd"), _pipe("sd")
+    healed = prune_pipeline(api, prompts, sparsity=0.3, progress=False, heal="lstsq")
+    prune_pipeline(plain, prompts, sparsity=0.3, progress=False)
+    heal = healed.reports["text_encoder"]["heal"]  # the search healed its plan, and lowered D
+    assert heal["healed_runs"] >= 1 and heal["discrepancy_after"] < heal["discrepancy_before"]
+    fresh = _pipe("sd")
+    assert load_into(fresh, tmp_path / "out") == ["text_encoder"]
+    assert fresh.text_encoder.plan.skip == api.text_encoder.plan.skip
+    ids = torch.randint(3, 90, (2, 7))
+    with torch.no_grad():
+        got = fresh.text_encoder(ids).last_hidden_state
+        want = api.text_encoder(ids).last_hidden_state
+        unhealed = plain.text_encoder(ids).last_hidden_state
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, unhealed)  # the maps are in the saved weights

@@ -10,6 +10,7 @@ from skrr_compile.cli.main import (
     CLIError,
     add_dist_timeout,
     agree,
+    candidate_batch_arg,
     check_out_dir,
     distributed,
     existing_dir,
@@ -65,6 +66,11 @@ def register(sub) -> None:
     p.add_argument("--method", default="skrr", help="search method (skrr, skrr-skip, finercut, shortgpt, laco)")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--heal", choices=["lstsq", "cosine"],
+                   help="heal each encoder's plan: one linear map per run of skipped sub-blocks, merged into kept weights")
+    p.add_argument("--heal-ridge", type=float, default=1e-4, help="healing ridge, relative to the mean diagonal of f^T f")
+    p.add_argument("--candidate-batch", default="1", type=candidate_batch_arg, metavar="N|auto",
+                   help="candidates scored in one stacked forward (exact where the probe finds rows bit-identical)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 length the pipeline will run with (default: the pipeline's default)")
     p.add_argument("--plans", default=None,
@@ -227,7 +233,8 @@ def cmd_prune_pipeline(args) -> int:
         prompts = read_prompts(args.prompts, field=args.field, limit=args.limit)
         try:  # what each encoder's consumer reads (template, layer, length) the pipeline's spec sets
             config = SearchConfig.from_kwargs(sparsity=args.sparsity, method=args.method, beam=args.beam,
-                                              chunk_size=args.chunk_size)
+                                              chunk_size=args.chunk_size, candidate_batch=args.candidate_batch,
+                                              **({"heal": args.heal, "heal_ridge": args.heal_ridge} if args.heal else {}))
         except ValueError as e:
             raise CLIError(str(e)) from e
         try:

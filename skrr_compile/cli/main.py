@@ -74,6 +74,15 @@ def join_group(device: str = "cpu", timeout_s: float = 600.0):
     return init_from_env(device, timeout_s=timeout_s)
 
 
+def candidate_batch_arg(text: str):
+    """--candidate-batch: a number of candidates >= 1, or auto."""
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a number of candidates >= 1 or 'auto', got {text!r}")
+
+
 def add_dist_timeout(p) -> None:
     """`--dist-timeout`, for every command that runs on several ranks under torchrun."""
     p.add_argument("--dist-timeout", type=float, default=600.0,

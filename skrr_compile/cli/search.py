@@ -32,7 +32,15 @@ from skrr_compile.blocksearch.run import (
 )
 from skrr_compile.blocksearch.selectors import output_selector, parse_layers, with_hidden_states
 from skrr_compile.blocksearch.target import check_sparsity
-from skrr_compile.cli.main import CLIError, add_dist_timeout, agree, check_out_dir, distributed, join_group
+from skrr_compile.cli.main import (
+    CLIError,
+    add_dist_timeout,
+    agree,
+    candidate_batch_arg,
+    check_out_dir,
+    distributed,
+    join_group,
+)
 from skrr_compile.cli.quantize import (
     add_quant_args,
     deployed_lines,
@@ -107,20 +115,12 @@ def _memory_args(p) -> None:
                    help="cpu: weights stay in host memory, each stage's copied to the device as it runs; "
                         "disk: read from the checkpoint's safetensors by memory map (the model is never loaded)")
     g.add_argument("--device-budget-gb", type=float, help="with --offload: device memory the weights may use")
-    g.add_argument("--candidate-batch", default="1", type=_candidate_batch, metavar="N|auto",
+    g.add_argument("--candidate-batch", default="1", type=candidate_batch_arg, metavar="N|auto",
                    help="candidates scored in one stacked forward (exact; auto: sized by prompt rows and the "
                         "--cache-gb budget; default 1, one at a time)")
     add_dist_timeout(g)
     g.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device (no weights), print the memory plan, exit")
-
-
-def _candidate_batch(text: str):
-    if text == "auto":
-        return text
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"must be a number of candidates >= 1 or 'auto', got {text!r}")
 
 
 def search_config(args, **changes) -> SearchConfig:
