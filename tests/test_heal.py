@@ -218,3 +218,20 @@ def test_heal_options_key_the_state_only_when_set():
     assert SearchConfig.from_json(healed.to_json()) == healed
     with pytest.raises(SearchError, match="heal must be one of lstsq, cosine"):
         SearchConfig.from_kwargs(sparsity=0.3, heal="sgd")
+
+
+def test_a_bf16_model_keeps_the_gain_of_the_fp32_fit():
+    """Maps are fitted in float64 and stored in the model's dtype: rounding them to bf16 must not lose the
+    gain (issue 22's dtype case). The same plan healed in fp32 is the reference."""
+    cal = _calibration(4, 4)
+    reps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = FAMILIES["llama"].make(seed=1).to(dtype)
+        graph = skrr.trace(model)
+        healed = skrr.heal(graph, skrr.apply(graph, skrr.Plan(skip=[2, 3, 5])), cal, method="lstsq", ridge=0)
+        assert {p.dtype for p in healed.parameters()} == {dtype}
+        reps[dtype] = healed.info["heal"]
+    fp32, bf16 = reps[torch.float32], reps[torch.bfloat16]
+    assert all(e["accepted"] for e in bf16["runs"])
+    gain = lambda r: 1 - r["discrepancy_after"] / r["discrepancy_before"]  # noqa: E731
+    assert gain(fp32) > 0.5 and gain(bf16) >= 0.97 * gain(fp32), (gain(fp32), gain(bf16))
