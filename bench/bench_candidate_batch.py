@@ -135,7 +135,7 @@ def main() -> None:
             if r["stage_times"]:
                 cost = {key: v for key, v in r["stage_times"].items() if key.endswith("keep")}
                 print("        keep stages by stacked rows: " + ", ".join(
-                    f"{key.split()[0]} rows {v[0]:,} runs {v[1] / v[0] / int(key.split()[0]) * 1e3:.3f} ms/row"
+                    f"{key.split()[0]} rows x {v[0]:,} runs: {v[1] / v[0] / int(key.split()[0]) * 1e3:.3f} ms/row"
                     for key, v in sorted(cost.items(), key=lambda kv: int(kv[0].split()[0]))))
             summary.append((sp, s, ref["wall"] / r["wall"], c["prompt_block_evals"] / ref["counter"]["prompt_block_evals"],
                             r[peak] / ref[peak], plan_same, bits))
