@@ -13,38 +13,22 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_distributed_commands import run as launch  # noqa: E402
 
 
 def run(world: int, args, out: Path) -> tuple[float, dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "skrr_compile", "search", "builtin", "--prompts", "builtin", "--limit",
-           str(args.prompts), "--chunk-size", str(args.chunk_size), "--sparsity", str(args.sparsity), "--quiet",
-           "--out", str(out)]
-    t0 = time.perf_counter()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if world > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode != 0:
-            raise SystemExit(err[-3000:])
-    seconds = time.perf_counter() - t0
-    report = json.loads((out / "report.json").read_text())
-    return seconds, report
+    argv = ["search", "builtin", "--prompts", "builtin", "--limit", str(args.prompts), "--chunk-size",
+            str(args.chunk_size), "--sparsity", str(args.sparsity), "--quiet"]
+    seconds = launch(world, argv, out)
+    return seconds, json.loads((out / "report.json").read_text())
 
 
 def find(obj, key):
