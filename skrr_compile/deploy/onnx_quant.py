@@ -59,26 +59,82 @@ def dequantized(pruned: PrunedEncoder) -> PrunedEncoder:
     return PrunedEncoder(gm, pruned.config, pruned.plan, pruned.architecture, info)
 
 
+def _unshare_weights(src: Path, dst: Path, op_types: tuple[str, ...]) -> None:
+    """ONNX Runtime's quantizers only quantize a node whose weight is an initializer of its own. A re-used
+    sub-block's weight is read by several nodes, and the exporter keeps it as Transpose(weight) (folding it
+    would store it twice): give every reader its own (transposed) initializer here; the identical quantized
+    copies are merged back into one after quantization (`_merge_quantized_twins`)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(src))
+    inits = {t.name: t for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    reads: dict[str, int] = {}
+    for node in m.graph.node:
+        if node.op_type not in op_types:
+            continue
+        for i, name in enumerate(node.input):
+            source, transposed = name, False
+            t = producer.get(name)
+            if t is not None and t.op_type == "Transpose" and t.input[0] in inits \
+                    and len(inits[t.input[0]].dims) == 2 and [a.ints for a in t.attribute if a.name == "perm"] in ([], [[1, 0]]):
+                source, transposed = t.input[0], True
+            if source not in inits or np.prod(inits[source].dims) <= 64:
+                continue
+            reads[source] = reads.get(source, 0) + 1
+            if reads[source] == 1 and not transposed:
+                continue  # the first plain reader keeps the initializer itself
+            array = numpy_helper.to_array(inits[source])
+            copy = numpy_helper.from_array(np.ascontiguousarray(array.T if transposed else array),
+                                           f"{source}__reader{reads[source]}")
+            m.graph.initializer.append(copy)
+            node.input[i] = copy.name
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    dead = [n for n in m.graph.node if n.op_type == "Transpose" and not set(n.output) & used]
+    for n in dead:
+        m.graph.node.remove(n)
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    for t in [t for t in m.graph.initializer if t.name not in used]:
+        m.graph.initializer.remove(t)
+    onnx.save(m, str(dst))
+
+
+def _merge_quantized_twins(path: Path) -> None:
+    """Store the identical quantized copies `_unshare_weights` led to once again (one initializer per weight)."""
+    import onnx_ir as ir
+
+    from skrr_compile.deploy.onnx import _merge_duplicate_initializers
+
+    model = ir.load(str(path))
+    if _merge_duplicate_initializers(model):
+        ir.save(model, str(path))
+
+
 def _quantize_file(src: Path, dst: Path, scheme: str, group_size: int, embeddings: bool) -> None:
-    drop_log_records("root", "Please consider to run pre-processing", "")  # ORT's advice, on every call
-    if scheme in ("int8", "int8-dynamic"):
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gather"] if embeddings else ["MatMul"])
-    elif scheme == "int4":
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=group_size, is_symmetric=True,
-                                 op_types_to_quantize=("MatMul", "Gather") if embeddings else ("MatMul",))
-        q.process()
-        q.model.save_model_to_file(str(dst), use_external_data_format=False)
-    else:
+    if scheme not in ("int8", "int8-dynamic", "int4"):
         raise QuantizationError(
             f"ONNX export of scheme {scheme!r} is not available: ONNX Runtime has no fp8 weight-only CPU kernel; "
             "quantize with int8, int8-dynamic or int4 to export ONNX"
         )
+    drop_log_records("root", "Please consider to run pre-processing", "")  # ORT's advice, on every call
+    ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
+    unshared = src.with_name("unshared.onnx")
+    _unshare_weights(src, unshared, ops)
+    if scheme in ("int8", "int8-dynamic"):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(unshared), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=list(ops))
+    else:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(onnx.load(str(unshared)), block_size=group_size, is_symmetric=True,
+                                 op_types_to_quantize=ops)
+        q.process()
+        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    _merge_quantized_twins(dst)
 
 
 def export_quantized_onnx(model, path: str | Path, *, verify: bool = False, provider: str = "cpu",
