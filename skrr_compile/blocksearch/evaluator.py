@@ -226,13 +226,11 @@ class Evaluator:
         if n != 1:
             self.lane_bytes = self.lane_peak_bytes()
             fit = max(1, int(self.budget.limit["device"] // 8 // max(1, self.lane_bytes)))
-            if n == "auto":
+            auto = n == "auto"
+            if auto:
                 rows = max(self.inputs[c][0].shape[0] for c in self.chunks)
-                n = max(1, AUTO_ROWS.get(self.budget.device.type, AUTO_ROWS["cpu"]) // rows)
-                auto = True
-            else:
-                auto = False
-            width = max(1, min(int(n), fit, AUTO_MAX if auto else int(n)))
+                n = min(AUTO_MAX, max(1, AUTO_ROWS.get(self.budget.device.type, AUTO_ROWS["cpu"]) // rows))
+            width = max(1, min(int(n), fit))
             if width > 1:
                 diff = self.probe(width)
                 self.stacking = {"bit_identical": diff == 0.0, "max_relative_difference": diff}
@@ -242,40 +240,40 @@ class Evaluator:
             width = min(self.group.gather_objects(width))
         return width
 
+    def dense_stream(self, chunks: tuple[int, ...], measure: bool = False) -> tuple[torch.Tensor, int]:
+        """The dense s_K of the chunks' rows stacked (one chunk: alone) and, with `measure`, the most bytes
+        alive in one of its stages (the runner's count of live values; weights not included)."""
+        r, peak = self.runner, 0
+        ctx = self.batch_context(chunks, {})
+        h = ctx["s0"]
+        for k in range(r.num_blocks):
+            r.live = 0 if measure else None
+            h = r.stage(k, h, ctx, "keep")
+            peak = max(peak, r.live or 0)
+        r.live = None
+        return h, peak
+
     def probe(self, width: int) -> float:
         """The largest relative difference between a chunk's dense stream scored alone and stacked with copies
         of itself (2 and `width` copies), on the largest and the smallest chunk: 0.0 where this backend
         computes a row the same whatever the batch (one CPU thread; not several, whose split follows the
         batch; GPUs vary by kernel)."""
-        r, worst = self.runner, 0.0
+        worst = 0.0
         for c in {max(self.chunks, key=lambda c: self.tokens[c]), min(self.chunks, key=lambda c: self.tokens[c])}:
-            ctx = self.context(c)
-            alone = ctx["s0"]
-            for k in range(r.num_blocks):
-                alone = r.stage(k, alone, ctx, "keep")
+            alone = self._alone.pop(c, None)
+            alone = alone if alone is not None else self.dense_stream((c,))[0]
+            scale = float(alone.abs().max()) or 1.0
             for n in sorted({2, width}):
-                bctx = self.batch_context((c,) * n, {})
-                h = bctx["s0"]
-                for k in range(r.num_blocks):
-                    h = r.stage(k, h, bctx, "keep")
-                scale = float(alone.abs().max()) or 1.0
+                h = self.dense_stream((c,) * n)[0]
                 worst = max(worst, max(float((part - alone).abs().max()) / scale for part in h.split(alone.shape[0])))
-        r.counter.block_evals = 0
         return worst
 
     def lane_peak_bytes(self) -> int:
         """Bytes alive at the peak of the costliest stage on the largest chunk (one candidate's share of a
-        stacked forward): every stage run once, dense, from the chunk's s_0."""
+        stacked forward); its dense stream is kept for `probe`."""
         c = max(self.chunks, key=lambda c: self.tokens[c])
-        ctx, r = self.context(c), self.runner
-        h, peak = ctx["s0"], 0
-        before = r.counter.block_evals
-        for k in range(r.num_blocks):
-            r.live = 0
-            h = r.stage(k, h, ctx, "keep")
-            peak = max(peak, r.live)
-        r.live = None
-        r.counter.block_evals = before
+        h, peak = self.dense_stream((c,), measure=True)
+        self._alone = {c: h}
         return peak
 
     def context(self, c: int) -> dict:
@@ -341,7 +339,7 @@ class Evaluator:
         return 0
 
     def _stages(self, config: Config, c: int, keys: list[tuple], ctx: dict, i0: int, stop: int, start: int,
-                share: float, bvals: dict | None = None) -> torch.Tensor:
+                share: float) -> torch.Tensor:
         """s_stop from the memo's s_i0 (or s_0), storing the states it passes while the budget allows."""
         r, counter = self.runner, self.runner.counter
         h = self.budget.fetch(self.memo[(c, i0, keys[i0])]) if i0 else ctx["s0"]
@@ -355,8 +353,6 @@ class Evaluator:
             counter.token_block_evals += ran * self.tokens[c]
             if k < start:
                 counter.recompute_evals += ran
-            if bvals is not None and k + 1 in r.suffix_boundaries:
-                bvals[k + 1] = h
             if storing and self.stored(k + 1):
                 storing = self._put((c, k + 1, keys[k + 1]), h, share)
         return h
@@ -366,21 +362,8 @@ class Evaluator:
         """The output of `config` on chunk c, from the deepest state in the memo; the states it computes at
         stored boundaries go into the memo while the budget allows. Stages before `start` (where `config`
         leaves its parent) count as recomputation."""
-        r, counter = self.runner, self.runner.counter
-        keys = keys or prefix_keys(config, r.num_blocks)
-        ctx = self.context(c)
-        i0 = self._deepest(c, keys, None if "memo" in self.levers else start)
-        bvals = {b: self.budget.fetch(self.memo[(c, b, keys[b])]) for b in r.suffix_boundaries if 0 < b <= i0}
-        if 0 in r.suffix_boundaries:
-            bvals[0] = ctx["s0"]
-        if i0 > start:
-            counter.memo_starts += 1
-            counter.memo_stages_saved += sum(1 for k in range(start, i0) if config.mode(k) != "skip")
-        self._stages(config, c, keys, ctx, i0, r.num_blocks, start, share, bvals)
-        counter.chunk_evals += 1
-        out = r.suffix(bvals, ctx)
-        del ctx, bvals
-        return out
+        keys = keys or prefix_keys(config, self.runner.num_blocks)
+        return self.run_batch([(config, start, keys, c)], share)[0]
 
     def shape_of(self, c: int) -> tuple:
         """What must agree for chunks' states to stack on the batch dimension: all but the rows."""
