@@ -175,7 +175,8 @@ def test_wheel_installs_passes_and_kernels_under_the_package(tmp_path):
     wheel = next(tmp_path.glob("skrr_compile-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     expected = {f"skrr_compile/{f.relative_to(ROOT / 'skrr_compile').as_posix()}" for f in (ROOT / "skrr_compile").rglob("*.py")}
-    expected |= {f"skrr_compile/{d}/{f.name}" for d in ("passes", "kernels") for f in (ROOT / d).glob("*.py")}
+    expected |= {f"skrr_compile/{d}/{f.name}" for d, src in (("passes", "passes"), ("kernels", "skrr_kernels"))
+                 for f in (ROOT / src).glob("*.py")}
     missing = sorted(expected - set(names))
     assert not missing, f"modules missing from the wheel (add their package to pyproject): {missing}"
     assert len(expected) > 40  # every subpackage: core, blocksearch, magnitude, deploy, cli, utils, passes, kernels
@@ -185,4 +186,4 @@ def test_wheel_installs_passes_and_kernels_under_the_package(tmp_path):
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "skrr-compile = skrr_compile.cli:main" in text
     assert "skrr = skrr_compile.deploy.compile_backend:skrr_backend" in text
-    assert not any(n.startswith(("passes/", "kernels/", "tests/", "bench/")) for n in names)
+    assert not any(n.startswith(("passes/", "kernels/", "skrr_kernels/", "tests/", "bench/")) for n in names)

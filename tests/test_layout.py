@@ -19,7 +19,7 @@ def source_modules() -> dict[str, Path]:
     """Every module of the installed package, by dotted name, from the source tree."""
     mods = {}
     for base, prefix in ((ROOT / "skrr_compile", "skrr_compile"), (ROOT / "passes", "skrr_compile.passes"),
-                         (ROOT / "kernels", "skrr_compile.kernels")):
+                         (ROOT / "skrr_kernels", "skrr_compile.kernels")):
         for f in base.rglob("*.py"):
             if prefix == "skrr_compile" and f.relative_to(base).parts[0] in ("passes", "kernels"):
                 continue
