@@ -232,9 +232,11 @@ def _has_weights(p: Path) -> bool:
 
 
 def _from_pretrained(p: Path, cls, **kwargs):
-    """`cls.from_pretrained(p)`, refusing unreadable weight files and checkpoints that miss the encoder's."""
+    """`cls.from_pretrained(p)`, refusing unreadable weight files and checkpoints that miss the encoder's.
+    Hub kernels stay off (transformers >= 5.25 turns them on by default): they swap layers for custom ops the
+    trace would have to see through, and refuse the meta device that shapes-only commands load on."""
     try:
-        model, info = cls.from_pretrained(p, output_loading_info=True, **kwargs)
+        model, info = cls.from_pretrained(p, output_loading_info=True, use_kernels=False, **kwargs)
     except SafetensorError as e:
         raise CorruptWeightsError(
             f"the weights in {str(p)!r} cannot be read ({e}): model.safetensors is truncated or not a "
