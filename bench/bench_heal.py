@@ -31,7 +31,7 @@ from skrr_compile.blocksearch.discrepancy import last_hidden_state
 from skrr_compile.blocksearch.evaluator import Evaluator
 from skrr_compile.blocksearch.heal import heal_plan
 from skrr_compile.blocksearch.run import heldout_report, materialize, prepare_calibration, search
-from skrr_compile.blocksearch.runner import StagedRunner
+from skrr_compile.blocksearch.runner import Config, StagedRunner
 from skrr_compile.core.checkpoints import load_encoder, load_tokenizer, resolve_model_path
 
 
@@ -58,8 +58,10 @@ def main() -> None:
     p.add_argument("--heal-field")
     p.add_argument("--heal-limit", type=int)
     p.add_argument("--heal-max-length", type=int)
+    p.add_argument("--heal-ridge", default="auto", help="auto (cross-validated, the default) or a relative ridge")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    ridge = args.heal_ridge if args.heal_ridge == "auto" else float(args.heal_ridge)
     torch.set_num_threads(2)
     t_load = time.perf_counter()
     path = resolve_model_path(args.model)
@@ -75,12 +77,12 @@ def main() -> None:
           f"prompts, {_tokens(heal_cal)} read tokens", flush=True)
     held = prepare_calibration(tok, args.heldout, limit=args.heldout_limit, max_length=args.max_length,
                                chunk_size=args.chunk_size, template=args.template)
-    old = {}
+    old, finercut = {}, {}
     if args.plans_from:
         for line in Path(args.plans_from).read_text().splitlines():
             r = json.loads(line)
-            if r["method"] == "skrr" and "skip" in r:
-                old[round(r["target"], 4)] = r
+            if r["method"] in ("skrr", "finercut") and "skip" in r:
+                (old if r["method"] == "skrr" else finercut)[round(r["target"], 4)] = r
     rows, notes = [], []
 
     def row(method, s, pruned, calib_d, seconds, heal_s=None, extra="", runs=None):
@@ -110,7 +112,7 @@ def main() -> None:
             base = skrr.apply(graph, plan)
             ev = Evaluator(StagedRunner(graph), heal_cal, None, last_hidden_state, cache_bytes=1 << 30)
             t0 = time.perf_counter()
-            healed_plan, merged, rep = heal_plan(graph, ev, plan, {}, HealConfig(heal="lstsq"), progress=True)
+            healed_plan, merged, rep = heal_plan(graph, ev, plan, {}, HealConfig(heal="lstsq", heal_ridge=ridge), progress=True)
             heal_s = time.perf_counter() - t0
             ev.disc.reference.close()
             runs = show(rep)
@@ -118,17 +120,26 @@ def main() -> None:
             row("skrr+heal", s, skrr.apply(graph, healed_plan, merged=merged), rep["discrepancy_after"],
                 r["seconds"] + heal_s, heal_s, f"{rep['healed_runs']}/{len(rep['runs'])} runs healed", runs)
         else:
-            res = search(model, tok, cal, sparsity=s, beam=args.beam, heal="lstsq", graph=graph, progress=False)
+            res = search(model, tok, cal, sparsity=s, beam=args.beam, heal="lstsq", heal_ridge=ridge, graph=graph,
+                             progress=False)
             rep = res.report["heal"]
             runs = show(rep)
             base = skrr.apply(graph, skrr.Plan(skip=res.plan.skip, reuse=res.plan.reuse))
             row("skrr", s, base, rep["discrepancy_before"], res.report["seconds"] - rep["seconds"])
             row("skrr+heal", s, materialize(graph, res), rep["discrepancy_after"], res.report["seconds"],
                 rep["seconds"], f"{rep['healed_runs']}/{len(rep['runs'])} runs healed", runs)
+        if s in finercut:  # FinerCut's plan from the same compare, scored here on the same tokens
+            r = finercut[s]
+            pruned = skrr.apply(graph, skrr.Plan(skip=r["skip"], method="finercut"))
+            ev = Evaluator(StagedRunner(graph), heal_cal, None, last_hidden_state, cache_bytes=0)
+            calib_d = ev.report(Config(frozenset(r["skip"]), ())).discrepancy
+            ev.disc.reference.close()
+            row("finercut", s, pruned, calib_d, r["seconds"], extra="plan + search time from --plans-from")
         for method in ("replaceme", "shortgpt"):
             t0 = time.perf_counter()
             try:
-                res = search(model, tok, heal_cal, sparsity=s, method=method, heal="lstsq", graph=graph, progress=False)
+                res = search(model, tok, heal_cal, sparsity=s, method=method, heal="lstsq", heal_ridge=ridge, graph=graph,
+                             progress=False)
             except skrr.SearchError as e:
                 notes.append(f"{method} at {s}: {e}")
                 continue
@@ -142,7 +153,7 @@ def main() -> None:
                 f"{rep['healed_runs']}/{len(rep['runs'])} runs healed; skip {list(res.plan.skip)}", runs)
     lines = ["# bench/bench_heal.py: " + " ".join(shlex.quote(a) for a in sys.argv),
              f"# {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, 2 threads, fp32; "
-             f"{cal.num_prompts} calibration prompts, {held.num_prompts} held-out prompts",
+             f"{cal.num_prompts} calibration prompts, {held.num_prompts} held-out prompts; heal ridge {ridge}",
              "", "| method | target | sparsity | calib D | held-out D | cosine | null-norm ratio | wall s | heal s | "
              "heal share | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -508,6 +508,15 @@ def test_sweep_cli_text_metric_on_lumina2_equals_encode_prompt(tmp_path):
     assert data["reads"] == ["hidden_states[-2] -> transformer.time_caption_embed.caption_embedder"]
     assert data["spec"]["template"] == pipe.system_prompt + " <Prompt Start> {prompt}" and data["num_prompts"] == 3
     points = data["results"][0]["points"]
+    # the last decoder layer is past hidden_states[-2]: left dense and out of the sweep, as `magnitude` does
+    last = len(pipe.text_encoder.layers) - 1
+    want_unread = sorted(f"{n}.weight" for n, mod in pipe.text_encoder.named_modules()
+                         if isinstance(mod, torch.nn.Linear) and n.startswith(f"layers.{last}."))
+    assert sorted(data["unread_layers"]) == want_unread and want_unread
+    weights = {f"{n}.weight": mod.weight.numel() for n, mod in pipe.text_encoder.named_modules()
+               if isinstance(mod, torch.nn.Linear)}
+    read_share = 1 - sum(weights[n] for n in want_unread) / sum(weights.values())
+    assert points[0]["sparsity_linear"] == pytest.approx(0.3 * read_share, abs=1e-3)  # zeros only where read
 
     def encode(p, prompt):
         embeds, mask, *_ = p.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=m)

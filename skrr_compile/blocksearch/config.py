@@ -194,7 +194,7 @@ class HealConfig:
     merged into the last kept sub-block's output projection. Off by default (method replaceme heals always)."""
 
     heal: str | None = None  # None | "lstsq" | "cosine" (gradient steps on a cosine loss, from lstsq)
-    heal_ridge: float = 1e-4  # ridge, relative to the mean diagonal of f^T f
+    heal_ridge: float | str = "auto"  # ridge relative to the mean diagonal of f^T f; "auto": cross-validated
     heal_steps: int = 100  # cosine: full-batch Adam steps
     heal_lr: float = 1e-3  # cosine: Adam learning rate
     heal_tokens: int = 32768  # cosine and post-LN: calibration tokens kept in memory for gradient steps
@@ -202,8 +202,12 @@ class HealConfig:
     def __post_init__(self):
         if self.heal not in (None, *HEAL_METHODS):
             raise SearchError(f"heal must be one of {', '.join(HEAL_METHODS)} (or None), got {self.heal!r}")
-        _number("heal_ridge", self.heal_ridge, optional=False)
-        _set(self, "heal_ridge", float(self.heal_ridge))
+        if self.heal_ridge != "auto":
+            v = self.heal_ridge
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise SearchError(f"heal_ridge must be 'auto' (cross-validated on the calibration prompts) or a "
+                                  f"number >= 0, got {self.heal_ridge!r}")
+            _set(self, "heal_ridge", float(self.heal_ridge))
         _positive_int("heal_steps", self.heal_steps, low=0, optional=False)
         _number("heal_lr", self.heal_lr, optional=False)
         _positive_int("heal_tokens", self.heal_tokens, optional=False)

@@ -42,6 +42,8 @@ from skrr_compile.passes.heal import (
 )
 
 FALLBACK_RIDGE = 1e-2  # relative ridge when there are fewer calibration tokens than channels
+CV_FOLDS = 4  # ridge "auto": folds of calibration prompts (prompt p of chunk c is in fold (c + p) mod 4)
+RIDGE_GRID = tuple(10.0 ** (e / 2) for e in range(-12, 3))  # 1e-6 .. 10, half decades, relative to mean diag
 
 
 @dataclass
@@ -125,6 +127,7 @@ class _Stats:
     yy: float  # ||y||^2
     n: int  # tokens
     sample: list  # (f, h_in, h_out) float32 token rows kept for gradient steps
+    folds: list | None = None  # ridge "auto": (A, B, yy, n) of each fold of prompts
 
 
 def _tensor(runner, name: str, current: dict) -> torch.Tensor:
@@ -132,13 +135,16 @@ def _tensor(runner, name: str, current: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, keep_tokens: int) -> _Stats:
-    """f^T f and f^T y summed over the read tokens of every chunk and every site (y = f where no run follows)."""
+def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, keep_tokens: int,
+             folds: int = 0) -> _Stats:
+    """f^T f and f^T y summed over the read tokens of every chunk and every site (y = f where no run follows);
+    with `folds`, also per fold of prompts (for the cross-validated ridge)."""
     r = ev.runner
     last_k = max(x.kept for x in sites)
     last_e = max([x.end for x in sites if x.end is not None] + [last_k])
     A = B = None
     yy, n, kept_tokens, sample = 0.0, 0, 0, []
+    fold_sums = [[0, 0, 0.0, 0] for _ in range(folds)]
     norm_tensors = {t: _tensor(r, t, current) for x in sites for nm in x.norms for t in (nm.weight, nm.bias) if t}
     # stages before the first one the configuration (or a merged weight) changes are shared by both models
     changed = [j for j in range(r.num_blocks) if config.mode(j) != "keep"]
@@ -182,22 +188,88 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
                 else:
                     target = Hout
                 Y = target - Hin
-            A = F.T @ F if A is None else A + F.T @ F
-            B = F.T @ Y if B is None else B + F.T @ Y
-            yy += float((Y * Y).sum())
-            n += F.shape[0]
+            if folds:
+                fold_of = (mask.nonzero()[:, 0] + c) % folds  # the prompt's fold, the same on any number of ranks
+                for k, acc in enumerate(fold_sums):
+                    rows = fold_of == k
+                    Fk, Yk = F[rows], Y[rows]
+                    acc[0], acc[1] = acc[0] + Fk.T @ Fk, acc[1] + Fk.T @ Yk
+                    acc[2] += float((Yk * Yk).sum())
+                    acc[3] += int(rows.sum())
+            else:
+                A = F.T @ F if A is None else A + F.T @ F
+                B = F.T @ Y if B is None else B + F.T @ Y
+                yy += float((Y * Y).sum())
+                n += F.shape[0]
             if len(sites) == 1 and kept_tokens < keep_tokens:
                 m = min(keep_tokens - kept_tokens, F.shape[0])
                 sample.append((F[:m].float(), Hin[:m].float(), Hout[:m].float()))
                 kept_tokens += m
         del cap, h_at
     g = ev.group
+    if folds:
+        if g.world > 1:  # every rank's fold sums, added in rank order
+            parts = g.gather_objects([[_cpu(v) for v in acc] for acc in fold_sums])
+            fold_sums = [[_sum([p[k][i] for p in parts], _device(fold_sums)) for i in range(4)] for k in range(folds)]
+        A, B = _sum([a[0] for a in fold_sums]), _sum([a[1] for a in fold_sums])
+        yy, n = sum(a[2] for a in fold_sums), sum(a[3] for a in fold_sums)
+        return _Stats(A, B, yy, n, sample, [tuple(a) for a in fold_sums])
     if g.world > 1:  # every rank's sums, added in rank order
         parts = g.gather_objects((A.cpu(), B.cpu(), yy, n))
         A = sum(p[0] for p in parts).to(A.device)
         B = sum(p[1] for p in parts).to(B.device)
         yy, n = sum(p[2] for p in parts), sum(p[3] for p in parts)
     return _Stats(A, B, yy, n, sample)
+
+
+def _cpu(v):
+    return v.cpu() if isinstance(v, torch.Tensor) else v
+
+
+def _device(fold_sums):
+    return next((v.device for acc in fold_sums for v in acc[:2] if isinstance(v, torch.Tensor)), None)
+
+
+def _sum(values, device=None):
+    """Sum in order; a fold without tokens holds the int 0, which adds as nothing."""
+    total = 0
+    for v in values:
+        total = total + (v.to(device) if device is not None and isinstance(v, torch.Tensor) else v)
+    return total
+
+
+def cross_validated_ridge(folds: list, grid=RIDGE_GRID) -> tuple[float | None, dict]:
+    """The relative ridge of `grid` with the lowest held-out fit error over the folds (each fold's error of the
+    map fitted on the other folds), and {ridge: summed held-out error / summed ||y||^2}.
+
+    Per fold one eigendecomposition of the training f^T f = Q diag(l) Q^T; with C = Q^T B_train,
+    G = Q^T A_k Q and H = Q^T B_k, the map T = Q diag(1 / (l + a)) C has held-out error
+    sum_ij D_i D_j G_ij (C C^T)_ij - 2 sum_i D_i (H o C)_i. + yy_k, so every ridge costs O(d^2).
+    None where fewer than two folds hold tokens (nothing to validate on)."""
+    A = _sum([f[0] for f in folds])
+    B = _sum([f[1] for f in folds])
+    errors = torch.zeros(len(grid), dtype=torch.float64)
+    total_yy = 0.0
+    for Ak, Bk, yyk, nk in folds:
+        if not nk:
+            continue
+        A_tr, B_tr = A - Ak, B - Bk
+        scale = float(A_tr.diagonal().mean())
+        if not scale > 0:
+            continue
+        lam, Q = torch.linalg.eigh(A_tr)
+        C = Q.T @ B_tr
+        P = ((Q.T @ Ak @ Q) * (C @ C.T)).cpu()
+        q = ((Q.T @ Bk) * C).sum(1).cpu()
+        lam = lam.clamp_min(0).cpu()
+        for i, a in enumerate(grid):
+            D = 1.0 / (lam + a * scale)
+            errors[i] += float(D @ P @ D - 2 * (D * q).sum() + yyk)
+        total_yy += yyk
+    if total_yy <= 0 or sum(1 for f in folds if f[3]) < 2:
+        return None, {}
+    table = {a: float(e) / total_yy for a, e in zip(grid, errors)}
+    return min(table, key=table.get), table
 
 
 def solve(A: torch.Tensor, B: torch.Tensor, n: int, ridge: float, label: str = "") -> tuple[torch.Tensor, float, str | None]:
@@ -291,12 +363,24 @@ def heal_plan(graph: EncoderGraph, ev: Evaluator, plan: Plan, overrides: dict | 
         p = run.projection
         sites = sites_of(graph, plan, unit)
         label = ", ".join(r.label for r in unit)
-        stats = _collect(ev, config, sites, current, heal_cfg.heal_tokens if (method == "cosine") else 0)
-        T, ridge, warning = solve(stats.A, stats.B, stats.n, heal_cfg.heal_ridge, label)
-        if warning:
-            warnings.append(warning)
-            if progress:
-                print(warning, flush=True)
+        auto = heal_cfg.heal_ridge == "auto"
+        stats = _collect(ev, config, sites, current, heal_cfg.heal_tokens if (method == "cosine") else 0,
+                         folds=CV_FOLDS if auto else 0)
+        ridge, cv_note = heal_cfg.heal_ridge, None
+        if auto:
+            ridge, table = cross_validated_ridge(stats.folds)
+            if ridge is None:
+                ridge = FALLBACK_RIDGE
+                cv_note = (f"healing run {label}: the calibration prompts fill fewer than 2 of the {CV_FOLDS} folds, "
+                           f"so the ridge cannot be cross-validated; fitting with ridge {ridge:g} (pass heal_ridge)")
+            else:
+                cv_note = None
+        T, ridge, warning = solve(stats.A, stats.B, stats.n, ridge, label)
+        for line in (cv_note, warning):
+            if line:
+                warnings.append(line)
+                if progress:
+                    print(line, flush=True)
         if method == "cosine" and heal_cfg.heal_steps and len(sites) == 1:  # shared weights: the lstsq map
             norm_tensors = {t: _tensor(r, t, current) for nm in run.norms for t in (nm.weight, nm.bias) if t}
             T = _cosine_refine(T, stats, run, norm_tensors, heal_cfg.heal_steps, heal_cfg.heal_lr)
@@ -309,6 +393,8 @@ def heal_plan(graph: EncoderGraph, ev: Evaluator, plan: Plan, overrides: dict | 
             after = ev.report(config).to_dict()
         accepted = after["discrepancy"] < best["discrepancy"]
         common = dict(weight=p.weight, bias=p.bias, tokens=stats.n, ridge=ridge,
+                      **({"ridge_choice": f"cross-validated over {CV_FOLDS} folds of prompts"} if auto and
+                         cv_note is None else {}),
                       fit_error_before=fit_error(stats.A, stats.B, stats.yy, eye),
                       fit_error_after=fit_error(stats.A, stats.B, stats.yy, T),
                       discrepancy_before=best["discrepancy"], discrepancy_after=after["discrepancy"],

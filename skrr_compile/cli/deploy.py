@@ -14,6 +14,7 @@ from skrr_compile.cli.main import (
     check_out_dir,
     distributed,
     existing_dir,
+    heal_ridge_arg,
     join_group,
     print_json,
 )
@@ -68,7 +69,9 @@ def register(sub) -> None:
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--heal", choices=["lstsq", "cosine"],
                    help="heal each encoder's plan: one linear map per run of skipped sub-blocks, merged into kept weights")
-    p.add_argument("--heal-ridge", type=float, default=1e-4, help="healing ridge, relative to the mean diagonal of f^T f")
+    p.add_argument("--heal-ridge", type=heal_ridge_arg, default="auto",
+                   help="healing ridge, relative to the mean diagonal of f^T f (default auto: the value of 1e-6..10 "
+                        "with the lowest error on held-out folds of the calibration prompts)")
     p.add_argument("--candidate-batch", default="1", type=candidate_batch_arg, metavar="N|auto",
                    help="candidates scored in one stacked forward (exact where the probe finds rows bit-identical)")
     p.add_argument("--max-sequence-length", type=int, default=None,

@@ -447,7 +447,14 @@ def _text_metric(args, path: Path, name: str, pipeline: bool):
         model, cal, projection, select = scoring.model.eval(), scoring.calibration, scoring.projection, scoring.select
         call = scoring.call
         reads = [o.describe() for o in spec.outputs]
-        extra = {"text_model": type(model).__name__, "spec": spec.to_dict()}
+        # layers past the hidden state the pipeline reads (the last decoder layer for hidden_states[-2], an LM
+        # head) reach nothing it reads: left dense and out of the sweep's sparsity, as `magnitude` does
+        layers = select_layers(model, MagnitudeConfig(0.0, include_conv=args.include_conv, exclude=tuple(args.exclude)))
+        ids, mask = cal.chunks[0]
+        read_names = {layer.name for layer in layers_read(layers, lambda: select(call(model)(ids, attention_mask=mask)))}
+        unread = [layer.name for layer in layers if layer.name not in read_names]
+        extra = {"text_model": type(model).__name__, "spec": spec.to_dict(), "unread_layers": unread,
+                 "exclude_unread": [glob.escape(n) for n in unread]}
     else:
         model = load_source_component(path, name, dtype=_dtype(args))
         tokenizer = load_source_tokenizer(path, name)
@@ -502,6 +509,7 @@ def _sweep(args, group) -> int:
                 "timesteps": args.timesteps, "batch": args.batch, "latent_size": args.latent_size}
     else:
         model, evaluate, info, calibrate = _text_metric(args, path, name, pipeline)
+    exclude = [*args.exclude, *info.pop("exclude_unread", [])]
     info = {"model": str(args.model), "component": name, "class": type(model).__name__, **info}
     results = []
     for criterion in criteria:
@@ -510,7 +518,7 @@ def _sweep(args, group) -> int:
             calibration = (_wanda_calibration(args, path, name, model) if calibrate is None
                            else calibrate(_calibration_prompts(args)))
         result = sweep(model, sparsities, evaluate, criterion=criterion, include_conv=args.include_conv,
-                       exclude=args.exclude, wanda_group=args.wanda_group, calibration=calibration,
+                       exclude=exclude, wanda_group=args.wanda_group, calibration=calibration,
                        component=name, progress=_say, jump_factor=args.jump_factor)
         results.append(result)
     if not group.is_writer:

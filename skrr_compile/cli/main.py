@@ -83,6 +83,19 @@ def candidate_batch_arg(text: str):
     raise argparse.ArgumentTypeError(f"must be a number of candidates >= 1 or 'auto', got {text!r}")
 
 
+def heal_ridge_arg(text: str):
+    """--heal-ridge: a number >= 0 (relative to the mean diagonal of f^T f), or auto."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'auto', got {text!r}")
+    return value
+
+
 def add_dist_timeout(p) -> None:
     """`--dist-timeout`, for every command that runs on several ranks under torchrun."""
     p.add_argument("--dist-timeout", type=float, default=600.0,

@@ -39,6 +39,7 @@ from skrr_compile.cli.main import (
     candidate_batch_arg,
     check_out_dir,
     distributed,
+    heal_ridge_arg,
     join_group,
 )
 from skrr_compile.cli.quantize import (
@@ -95,7 +96,9 @@ def _search_args(p) -> None:
     p.add_argument("--cache-gb", type=float, default=4.0, help="device memory for cached boundary states")
     p.add_argument("--heal", choices=["lstsq", "cosine"],
                    help="heal the final plan: one linear map per run of skipped sub-blocks, merged into kept weights")
-    p.add_argument("--heal-ridge", type=float, default=1e-4, help="healing ridge, relative to the mean diagonal of f^T f")
+    p.add_argument("--heal-ridge", type=heal_ridge_arg, default="auto",
+                   help="healing ridge, relative to the mean diagonal of f^T f (default auto: the value of 1e-6..10 "
+                        "with the lowest error on held-out folds of the calibration prompts)")
     _memory_args(p)
     add_quant_args(p, aware="prune: score every candidate with the quantized weights against the dense "
                    "full-precision reference (quantization-aware search); without it prune searches in full "
