@@ -5,8 +5,10 @@ the output f of the last kept sub-block's output projection, merged into that pr
 `f T = x (W^T T) + b T`, so W <- T^T W and b <- T^T b (linear layout [out, in]). The healed model has exactly
 the parameters of the pruned one. Everything here is found from the graph, never from module names:
   * the output projection of sub-block i is the Linear (aten.linear, or addmm / mm / matmul with a weight
-    `get_attr`) whose output reaches i's residual add through no-ops only (eval dropout, same-dtype casts);
-    anything else between them (Gemma's sandwich norm, a scale) makes the map non-linear in f: unsupported;
+    `get_attr`) whose output reaches i's residual add through no-ops only (eval dropout, same-dtype casts),
+    or through one RMS norm (Gemma-2/3's sandwich norm: the add reads norm(f), `OutputProjection.post_norm`):
+    a scale-invariant norm keeps the map's direction, so the fit targets its pre-image at f's own scale;
+    anything else between them (a LayerNorm, a scale, a gate) makes the map non-linear in f: unsupported;
   * post-LN norms: the norms on the stream between i's residual add and its `stream_out` (BERT: the
     LayerNorm after each sub-block), which a skip keeps; only `aten.layer_norm` is inverted by the fit.
 """
@@ -38,6 +40,8 @@ class OutputProjection:
     weight: str  # get_attr target of the weight
     bias: str | None  # get_attr target of the bias, if any
     layout: str  # "out_in": f = x W^T + b (aten.linear); "in_out": f = x W + b
+    post_norm: str | None = None  # sandwich norm: the node of norm(f), what the residual add reads
+    post_norm_eps: float = 0.0  # its epsilon (under the rsqrt)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,40 @@ def _weight_attr(node) -> tuple[str, bool] | None:
     return None
 
 
+# the ops of an RMS norm written out (HF's Gemma/Llama RMSNorm): x * rsqrt(mean(x^2) + eps) * gain
+RMS_OPS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.pow.Tensor_Scalar, aten.mean.dim,
+           aten.add.Tensor, aten.add.Scalar, aten.rsqrt.default, aten.mul.Tensor, aten.rms_norm.default}
+
+
+def _projection_under_rms_norm(p: fx.Node) -> tuple[fx.Node, float] | None:
+    """(the value normalised, eps) when `p` is an RMS norm of one tensor (written out or aten.rms_norm), else None.
+    Every op between them must be a cast, x^2, a mean, + eps, rsqrt or a product with the gain parameter."""
+    if p.op == "call_function" and p.target is aten.rms_norm.default:
+        x = p.args[0]
+        eps = p.args[3] if len(p.args) > 3 and p.args[3] is not None else 1e-6
+        return (strip_noops(x), float(eps)) if isinstance(x, fx.Node) else None
+    sources, eps, stack, seen, has_rsqrt = set(), None, [p], set(), False
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            continue
+        if n.op != "call_function" or n.target not in RMS_OPS:
+            sources.add(n)
+            continue
+        if n.target is aten.rsqrt.default:
+            has_rsqrt = True
+        if n.target is aten.add.Tensor and any(isinstance(a, float) for a in n.args[:2]) \
+                and any(isinstance(a, fx.Node) and a.target is aten.mean.dim for a in n.args[:2]):
+            eps = next(float(a) for a in n.args[:2] if isinstance(a, float))
+        stack.extend(a for a in n.args if isinstance(a, fx.Node))
+    if not has_rsqrt or len(sources) != 1:
+        return None
+    return next(iter(sources)), (1e-6 if eps is None else eps)
+
+
 def output_projection(gm: fx.GraphModule, block: SubBlock) -> OutputProjection:
     """The Linear whose output is the branch `block` adds to the stream (raises HealUnsupported)."""
     nodes = _by_name(gm)
@@ -77,6 +115,20 @@ def output_projection(gm: fx.GraphModule, block: SubBlock) -> OutputProjection:
     if len(branch) != 1:
         raise HealUnsupported(f"sub-block {block.index}: its residual add has no single branch operand")
     p = strip_noops(branch[0])
+    normed = _projection_under_rms_norm(p)
+    if normed is not None:  # sandwich norm: find the Linear under it, then say where norm(f) is
+        try:
+            inner = _linear_at(normed[0], block)
+        except HealUnsupported:
+            pass
+        else:
+            return OutputProjection(block.index, inner.node, inner.weight, inner.bias, inner.layout,
+                                    post_norm=p.name, post_norm_eps=normed[1])
+    return _linear_at(p, block)
+
+
+def _linear_at(p: fx.Node, block: SubBlock) -> OutputProjection:
+    """The OutputProjection whose output is the node `p` (raises HealUnsupported)."""
     if p.op == "call_function" and p.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) \
             and p.args and isinstance(p.args[0], fx.Node) and strip_noops(p.args[0]).target in MATMUL_TARGETS:
         p = strip_noops(p.args[0])  # addmm on the flattened tokens, viewed back to [B, L, d]
@@ -100,8 +152,8 @@ def output_projection(gm: fx.GraphModule, block: SubBlock) -> OutputProjection:
     what = p.target if p.op == "call_function" else p.op
     raise HealUnsupported(
         f"sub-block {block.index} ({block.path}, {block.kind}): its branch does not end in a Linear with a weight "
-        f"parameter (found {what} before the residual add, e.g. a norm after the output projection), so a map "
-        "cannot be merged into it"
+        f"parameter (found {what} before the residual add, e.g. a LayerNorm or a scale after the output "
+        "projection), so a map cannot be merged into it"
     )
 
 

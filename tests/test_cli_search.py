@@ -66,3 +66,26 @@ def test_search_refuses_bad_input(tmp_path, capsys):
     assert main(["search", "builtin", "--prompts", str(tmp_path / "p.jsonl"), "--field", "caption",
                  "--sparsity", "0.3", "--out", str(out)]) == 2
     assert "field 'caption' does not exist" in capsys.readouterr().err
+
+
+def test_compare_heal_adds_healed_rows_beside_the_same_plans_unhealed(tmp_path, capsys):
+    """compare --heal: each method's search heals its plan; the plain row is that plan unhealed and equals
+    the row of a compare without --heal, the +heal row carries the healed D (never above the plain one)."""
+    base = ["compare", "builtin", "--prompts", "builtin", "--limit", "6", "--chunk-size", "2", "--heldout",
+            "builtin-heldout", "--heldout-limit", "4", "--sparsity", "0.25", "--methods", "shortgpt,replaceme",
+            "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(base + ["--heal", "lstsq", "--out", str(tmp_path / "healed")]) == 0
+    plain = {r["method"]: r for r in json.loads((tmp_path / "plain" / "report.json").read_text())["rows"]}
+    rows = {r["method"]: r for r in json.loads((tmp_path / "healed" / "report.json").read_text())["rows"]}
+    assert sorted(rows) == ["replaceme", "shortgpt", "shortgpt+heal"]
+    for k in ("skip", "sparsity", "calib_discrepancy", "heldout_discrepancy"):
+        assert rows["shortgpt"][k] == plain["shortgpt"][k], k
+        assert rows["replaceme"][k] == plain["replaceme"][k], k  # ReplaceMe heals with or without --heal
+    healed = rows["shortgpt+heal"]
+    assert healed["skip"] == plain["shortgpt"]["skip"] and healed["sparsity"] == plain["shortgpt"]["sparsity"]
+    assert healed["healed_runs"] >= 1 and healed["calib_discrepancy"] < plain["shortgpt"]["calib_discrepancy"]
+    assert "shortgpt+heal" in (tmp_path / "healed" / "report.md").read_text()
+    assert main(base + ["--heal", "lstsq", "--out", str(tmp_path / "healed")]) == 0  # done: continues, adds nothing
+    again = json.loads((tmp_path / "healed" / "report.json").read_text())["rows"]
+    assert len(again) == 3

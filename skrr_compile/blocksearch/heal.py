@@ -15,6 +15,11 @@ chain of LayerNorms, each norm's lost per-token mean and scale taken from the pr
 (`passes.heal.invert_norms`); `cosine` then takes gradient steps through the true chain. Method `cosine`:
 Adam steps on 1 - cos(stream after the run, h_out) over a token sample, from the lstsq solution; the best
 (lowest-loss) map is kept.
+
+Sandwich norms (Gemma-2/3): k's add reads N(f) = f * rsqrt(mean(f^2) + eps) * g, so the stream after the run
+is h_in + N(f T). N is scale-invariant: the fit targets its pre-image at f's own scale, f T ~ (h_out - h_in) / g
+* rms(f), with the gain g recovered per channel from f and N(f) (checked to reproduce N(f), else the run is
+left unhealed); `cosine` descends through N itself.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class Site:
     node: str  # f's node in that stage
     end: int | None  # the run's last skipped sub-block; None: no run follows (the map should leave f as it is)
     norms: tuple = ()
+    post_norm: str | None = None  # sandwich norm: the node of norm(f), what the stream adds
+    eps: float = 0.0
 
 
 def find_runs(graph: EncoderGraph, plan: Plan) -> list[Run]:
@@ -96,9 +103,13 @@ def find_runs(graph: EncoderGraph, plan: Plan) -> list[Run]:
             try:
                 own = output_projection(gm, blocks[owner])
                 at_k = output_projection(gm, blocks[k])
-                run.projection = OutputProjection(k, at_k.node, own.weight, own.bias, own.layout)
+                run.projection = OutputProjection(k, at_k.node, own.weight, own.bias, own.layout, at_k.post_norm,
+                                                  at_k.post_norm_eps)
                 run.owner = owner
                 run.norms = tuple(n for j in range(k, g[-1] + 1) for n in post_norms(gm, blocks[j]))
+                if run.norms and at_k.post_norm:
+                    run.reason = (f"sub-block {k} has both a norm after its output projection and a post-LN norm on "
+                                  "the stream: not healed")
             except HealUnsupported as e:
                 run.reason = str(e)
         runs.append(run)
@@ -110,7 +121,8 @@ def sites_of(graph: EncoderGraph, plan: Plan, runs: list[Run]) -> list[Site]:
     sub-blocks, and the other users of the weights (the owner if kept, sub-blocks re-using it) with no run after."""
     gm, blocks, reuse = graph.graph_module, graph.blocks, dict(plan.reuse)
     owner = runs[0].owner
-    sites = [Site(r.kept, r.projection.node, r.blocks[-1], r.norms) for r in runs]
+    sites = [Site(r.kept, r.projection.node, r.blocks[-1], r.norms, r.projection.post_norm, r.projection.post_norm_eps)
+             for r in runs]
     taken = {r.kept for r in runs}
     users = ([owner] if owner not in plan.skip else []) + sorted(i for i, j in reuse.items() if j == owner)
     for p in users:
@@ -127,6 +139,7 @@ class _Stats:
     yy: float  # ||y||^2
     n: int  # tokens
     sample: list  # (f, h_in, h_out) float32 token rows kept for gradient steps
+    gain: torch.Tensor | None = None  # sandwich norm (one site): its per-channel gain, recovered from f and norm(f)
     folds: list | None = None  # ridge "auto": (A, B, yy, n) of each fold of prompts
 
 
@@ -144,6 +157,7 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
     last_e = max([x.end for x in sites if x.end is not None] + [last_k])
     A = B = None
     yy, n, kept_tokens, sample = 0.0, 0, 0, []
+    last_gain = None
     fold_sums = [[0, 0, 0.0, 0] for _ in range(folds)]
     norm_tensors = {t: _tensor(r, t, current) for x in sites for nm in x.norms for t in (nm.weight, nm.bias) if t}
     # stages before the first one the configuration (or a merged weight) changes are shared by both models
@@ -163,7 +177,7 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
             if j + 1 in ends:
                 dense_at[j + 1] = dense[mask].double()
         del dense
-        cap, h_at = {x.node: None for x in sites}, {}
+        cap, h_at = {n: None for x in sites for n in (x.node, x.post_norm) if n}, {}
         with r.overridden(current):
             for j in range(common, last_k + 1):
                 h_at[j] = h
@@ -177,6 +191,12 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
             F, Hin = f[mask].double(), h_at[x.kept][mask].double()
             if x.end is None:  # another user of the shared weights: the map should leave its f unchanged
                 Y, Hout = F, None
+            elif x.post_norm:  # the stream adds norm(f T): fit f T to the pre-image of h_out - h_in at f's scale
+                Hout = dense_at[x.end + 1]
+                scale = torch.rsqrt(F.pow(2).mean(-1, keepdim=True) + x.eps)
+                gain = rms_gain(F * scale, cap[x.post_norm][mask], x.kept)
+                live = gain.abs() > 1e-12 * gain.abs().max()  # a zero gain: norm(f) is 0 there whatever f is
+                Y = torch.where(live, (Hout - Hin) / torch.where(live, gain, 1.0) / scale, F)
             else:
                 Hout = dense_at[x.end + 1]
                 if x.norms:  # post-LN: the target in the space before k's norm
@@ -201,6 +221,8 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
                 B = F.T @ Y if B is None else B + F.T @ Y
                 yy += float((Y * Y).sum())
                 n += F.shape[0]
+            if x.post_norm and x.end is not None:
+                last_gain = gain
             if len(sites) == 1 and kept_tokens < keep_tokens:
                 m = min(keep_tokens - kept_tokens, F.shape[0])
                 sample.append((F[:m].float(), Hin[:m].float(), Hout[:m].float()))
@@ -213,13 +235,30 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
             fold_sums = [[_sum([p[k][i] for p in parts], _device(fold_sums)) for i in range(4)] for k in range(folds)]
         A, B = _sum([a[0] for a in fold_sums]), _sum([a[1] for a in fold_sums])
         yy, n = sum(a[2] for a in fold_sums), sum(a[3] for a in fold_sums)
-        return _Stats(A, B, yy, n, sample, [tuple(a) for a in fold_sums])
+        return _Stats(A, B, yy, n, sample, last_gain, [tuple(a) for a in fold_sums])
     if g.world > 1:  # every rank's sums, added in rank order
         parts = g.gather_objects((A.cpu(), B.cpu(), yy, n))
         A = sum(p[0] for p in parts).to(A.device)
         B = sum(p[1] for p in parts).to(B.device)
         yy, n = sum(p[2] for p in parts), sum(p[3] for p in parts)
-    return _Stats(A, B, yy, n, sample)
+    return _Stats(A, B, yy, n, sample, last_gain)
+
+
+class NotAnRMSNorm(Exception):
+    """The norm between a projection and its residual add is not x * rsqrt(mean(x^2) + eps) * gain."""
+
+
+def rms_gain(normalised: torch.Tensor, out: torch.Tensor, block: int) -> torch.Tensor:
+    """The per-channel gain g (float64) with out = normalised * g, least squares per channel over the tokens,
+    checked to reproduce `out` to its dtype's rounding (else NotAnRMSNorm: the run is left unhealed)."""
+    tol = 1e-3 if out.dtype in (torch.float32, torch.float64) else 3e-2
+    out = out.double()
+    gain = (normalised * out).sum(0) / (normalised * normalised).sum(0).clamp_min(1e-300)
+    err = float((normalised * gain - out).norm() / out.norm().clamp_min(1e-300))
+    if not err <= tol:
+        raise NotAnRMSNorm(f"the norm after sub-block {block}'s output projection is not an RMS norm with a "
+                           f"per-channel gain (relative residual {err:.2g}): not healed")
+    return gain
 
 
 def _cpu(v):
@@ -303,6 +342,9 @@ def fit_error(A, B, yy, T) -> float:
 
 def _cosine_refine(T0: torch.Tensor, stats: _Stats, run: Run, norm_tensors: dict, steps: int, lr: float) -> torch.Tensor:
     """Adam steps on 1 - cos(stream after the run, dense h_out) over the token sample, from T0; the best map."""
+    sandwich = run.projection.post_norm is not None
+    gain = stats.gain.float() if sandwich else None
+    eps = run.projection.post_norm_eps
     F = torch.cat([s[0] for s in stats.sample])
     Hin = torch.cat([s[1] for s in stats.sample])
     Hout = torch.cat([s[2] for s in stats.sample])
@@ -311,7 +353,10 @@ def _cosine_refine(T0: torch.Tensor, stats: _Stats, run: Run, norm_tensors: dict
     opt = torch.optim.Adam([T], lr=lr)
 
     def loss_of(t):
-        out = apply_norms(Hin + F @ t, run.norms, tensors) if run.norms else Hin + F @ t
+        ft = F @ t
+        if sandwich:  # the stream adds the RMS norm of f T
+            ft = ft * torch.rsqrt(ft.pow(2).mean(-1, keepdim=True) + eps) * gain
+        out = apply_norms(Hin + ft, run.norms, tensors) if run.norms else Hin + ft
         return (1 - torch.nn.functional.cosine_similarity(out, Hout, dim=-1)).mean()
 
     with torch.enable_grad():
@@ -364,8 +409,12 @@ def heal_plan(graph: EncoderGraph, ev: Evaluator, plan: Plan, overrides: dict | 
         sites = sites_of(graph, plan, unit)
         label = ", ".join(r.label for r in unit)
         auto = heal_cfg.heal_ridge == "auto"
-        stats = _collect(ev, config, sites, current, heal_cfg.heal_tokens if (method == "cosine") else 0,
-                         folds=CV_FOLDS if auto else 0)
+        try:
+            stats = _collect(ev, config, sites, current, heal_cfg.heal_tokens if (method == "cosine") else 0,
+                             folds=CV_FOLDS if auto else 0)
+        except NotAnRMSNorm as e:
+            entries += [{"run": list(rr.blocks), "kept": rr.kept, "accepted": False, "reason": str(e)} for rr in unit]
+            continue
         ridge, cv_note = heal_cfg.heal_ridge, None
         if auto:
             ridge, table = cross_validated_ridge(stats.folds)

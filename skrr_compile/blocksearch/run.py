@@ -38,6 +38,7 @@ class SearchResult:
     report: dict
     overrides: dict = field(default_factory=dict)  # LaCo: merged parameter values by name
     weights: object = None  # offload "disk": the WeightStore whose host tensors hold the weights
+    unhealed: SearchResult | None = None  # heal=: the same search's plan before healing (compare's plain row)
 
 
 # --- entry point ----------------------------------------------------------------------------------------
@@ -247,6 +248,7 @@ def search(
     if "skip_phase" in report:
         report["skip_phase"]["calibration_report"] = ev.report(skip_only).to_dict()
     heal_method = config.heal.heal or ("lstsq" if method == "replaceme" else None)
+    plain = (plan, overrides)
     if heal_method:  # the final plan's runs of skipped sub-blocks, each healed by a map merged into kept weights
         plan, overrides, heal_report = heal_plan(graph, ev, plan, overrides, config.heal, method=heal_method,
                                                  progress=progress)
@@ -268,6 +270,13 @@ def search(
         print(f"measured peak device memory: {peak['bytes'] / (1 << 30):.2f} GiB ({peak['what']}; "
               f"estimated {memory.peak / (1 << 30):.2f} GiB)", flush=True)
     result = SearchResult(plan, report, overrides, weights if offload == "disk" else None)
+    if heal_method and method != "replaceme":  # ReplaceMe is a healed span by definition
+        before = {k: v for k, v in report.items() if k != "heal"}
+        before.update(seconds=report["seconds"] - heal_report["seconds"],
+                      calibration_report=heal_report["calibration_report_before"])
+        if "discrepancy" in report:
+            before["discrepancy"] = before["calibration_report"]["discrepancy"]
+        result.unhealed = SearchResult(plain[0], before, plain[1], result.weights)
     if heal_method and overrides:  # the healed weights are part of the finished state (read back on resume)
         ckpt.save_tensors("laco", overrides)
     ckpt.save(phase="done", plan=plan.to_dict(), report=report)

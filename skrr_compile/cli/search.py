@@ -223,6 +223,10 @@ def register(sub) -> None:
     p.add_argument("--sparsity", required=True, help="comma-separated, e.g. 0.3,0.4,0.5")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--beam", type=int, default=3)
+    p.add_argument("--heal", choices=["lstsq", "cosine"],
+                   help="also heal each method's plan: a row METHOD+heal beside the unhealed row of the same search")
+    p.add_argument("--heal-ridge", type=heal_ridge_arg, default="auto",
+                   help="healing ridge, relative to the mean diagonal of f^T f (default auto: cross-validated)")
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     add_dist_timeout(p)
@@ -523,7 +527,8 @@ def cmd_compare(args) -> int:
     held = _calibration(args, tok, "heldout_") if args.heldout else None
     key = input_key(graph, cal, beam=args.beam, read=args.read,
                     heldout=input_key(graph, held) if held is not None else None,
-                    **{k: v for k, v in (("drop_tokens", args.drop_tokens), ("hidden_layer", args.hidden_layer)) if v})
+                    **{k: v for k, v in (("drop_tokens", args.drop_tokens), ("hidden_layer", args.hidden_layer)) if v},
+                    **({"heal": args.heal, "heal_ridge": args.heal_ridge} if getattr(args, "heal", None) else {}))
     rows = agree(group, lambda: _start_compare(args, out, state_path, done_path, key, path))  # resumes with any world
     have = {(r["method"], r["target"]) for r in rows}
     notes = [f"dense model: {path}", *_source_notes(path), f"{cal.num_prompts} calibration prompts",
@@ -540,10 +545,14 @@ def cmd_compare(args) -> int:
         methods.insert(methods.index("skrr") + 1, "skrr-skip")
         notes.append("skrr-skip rows are the skip phase of the skrr search at the same sparsity (the same beam "
                      "search as method skrr-skip, which is not run again)")
+    healed_too = bool(getattr(args, "heal", None))
+    if healed_too:
+        notes.append(f"rows +heal: the method's plan healed ({args.heal}, ridge {args.heal_ridge}), beside the same "
+                     "plan unhealed; replaceme is always healed")
     for s in sparsities:
         skrr_result = None
         for m in methods:
-            if (m, s) in have:
+            if (m, s) in have and (not healed_too or m in ("replaceme", "skrr-skip") or (f"{m}+heal", s) in have):
                 continue
             try:
                 if m == "skrr-skip" and skrr_result is not None:
@@ -557,17 +566,26 @@ def cmd_compare(args) -> int:
                     print(f"{m:>10} @ {s:.2f}: skipped: {e}", flush=True)
                 notes.append(f"{m} at {s:.2f}: {e}")
                 continue
-            pruned = materialize(graph, result)
-            held_report = distributed(lambda: heldout.evaluate(with_hidden_states(pruned, select)),  # noqa: B023
-                                      hint).to_dict() if held else None
-            row = result_row(graph, result, pruned, held_report)
-            rows.append(row)
-            if not writer:
-                continue
-            with done_path.open("a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-            print(f"{m:>10} @ {s:.2f}: sparsity {row['sparsity']:.4f}, calib D {row['calib_discrepancy']:.5g}"
-                  + (f", held-out D {row['heldout_discrepancy']:.5g}" if held else ""), flush=True)
+            labelled = [(m, result)]
+            if result.unhealed is not None:  # --heal: the plain plan's row, then the healed one
+                labelled = [(m, result.unhealed), (f"{m}+heal", result)]
+            for name, res in labelled:
+                if (name, s) in have:
+                    continue
+                pruned = materialize(graph, res)
+                held_report = distributed(lambda: heldout.evaluate(with_hidden_states(pruned, select)),  # noqa: B023
+                                          hint).to_dict() if held else None
+                row = {**result_row(graph, res, pruned, held_report), "method": name}
+                if name.endswith("+heal"):
+                    row["healed_runs"] = res.report["heal"]["healed_runs"]
+                    row["heal_seconds"] = res.report["heal"]["seconds"]
+                rows.append(row)
+                if not writer:
+                    continue
+                with done_path.open("a") as f:
+                    f.write(json.dumps(row, default=str) + "\n")
+                print(f"{name:>10} @ {s:.2f}: sparsity {row['sparsity']:.4f}, calib D {row['calib_discrepancy']:.5g}"
+                      + (f", held-out D {row['heldout_discrepancy']:.5g}" if held else ""), flush=True)
     if writer:
         write_report(out, rows, title=f"compare on {Path(str(path)).name}", command=_command(), notes=notes)
         print(f"report -> {out / 'report.md'}")
