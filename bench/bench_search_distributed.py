@@ -80,11 +80,12 @@ def main() -> int:
         f"# machine: {platform.machine()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; model: {args.model}, "
         f"prompts: {args.prompt_file} ({args.prompts})",
         "",
-        f"{'ranks':>5} {'wall s':>7} {'per-rank sub-block evaluations':>32} {'per-rank s':>14}",
-        f"{1:>5} {s1:>7.1f} {str([r['block_evals'] for r in d1['ranks']]):>32} "
-        f"{str([round(r['seconds'], 1) for r in d1['ranks']]):>14}",
-        f"{2:>5} {s2:>7.1f} {str([r['block_evals'] for r in d2['ranks']]):>32} "
-        f"{str([round(r['seconds'], 1) for r in d2['ranks']]):>14}",
+        f"{'ranks':>5} {'wall s':>7} {'per-rank sub-block evaluations':>32} {'per-rank s':>14} "
+        f"{'per-rank wait s':>16}",
+        *(f"{w:>5} {sw:>7.1f} {str([r['block_evals'] for r in d['ranks']]):>32} "
+          f"{str([round(r['seconds'], 1) for r in d['ranks']]):>14} "
+          f"{str([round(r.get('wait_seconds', 0.0), 1) for r in d['ranks']]):>16}"
+          for w, (sw, d, _) in sorted(rows.items())),
         "",
         f"speed-up {s1 / s2:.2f}x wall (includes start-up and model load in every process); search alone "
         f"{d1['ranks'][0]['seconds'] / max(r['seconds'] for r in d2['ranks']):.2f}x (slowest rank)",

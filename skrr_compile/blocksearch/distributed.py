@@ -24,8 +24,10 @@ class Solo:
 
     rank, world = 0, 1
 
-    def gather_pairs(self, pair: tuple[float, float] | None) -> list[tuple[float, float]]:
-        return [] if pair is None else [pair]
+    def gather_batch(self, pairs: list) -> list[list[tuple[float, float]]]:
+        """For each entry of `pairs` (a (global chunk, share) or None; the same length on every rank), the
+        pairs of every rank in rank order, Nones left out: one collective for all."""
+        return [[] if p is None else [p] for p in pairs]
 
     def gather_objects(self, obj) -> list:
         return [obj]
@@ -56,12 +58,9 @@ class TorchGroup(Solo):
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
             else torch.device("cpu")
 
-    def gather_pairs(self, pair):
-        mine = torch.tensor(pair if pair is not None else (NONE, 0.0), dtype=torch.float64, device=self.device)
-        out = [torch.empty_like(mine) for _ in range(self.world)]
-        self.dist.all_gather(out, mine)
-        pairs = [tuple(float(x) for x in t.cpu().tolist()) for t in out]
-        return [p for p in pairs if p[0] != NONE]
+    def gather_batch(self, pairs):
+        rows = self.gather_rows([x for p in pairs for x in (p if p is not None else (NONE, 0.0))])
+        return [[(row[2 * j], row[2 * j + 1]) for row in rows if row[2 * j] != NONE] for j in range(len(pairs))]
 
     def gather_rows(self, row):
         mine = torch.tensor(row, dtype=torch.float64, device=self.device)

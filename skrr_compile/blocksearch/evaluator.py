@@ -147,6 +147,7 @@ LEVERS = ("abandon", "memo", "order")
 # candidate batching "auto": prompt rows per stacked forward, by device kind, and the most candidates in one
 AUTO_ROWS = {"cpu": 4, "cuda": 256}
 AUTO_MAX = 32
+DIST_STEP = 8  # several ranks: candidates advanced per step (one collective each step)
 
 
 class Evaluator:
@@ -211,6 +212,7 @@ class Evaluator:
         self.shares: dict[int, dict] = {}
         # the reference forward is not part of the search's cost (the naive search runs one too)
         self.candidate_batch = self.resolve_candidate_batch(candidate_batch)
+        self.wait_seconds = 0.0  # several ranks: time spent waiting in the scoring collectives
         for name in ("block_evals", "prompt_block_evals", "token_block_evals", "chunk_evals", "prefix_evals"):
             setattr(runner.counter, name, 0)
 
@@ -576,7 +578,10 @@ class Evaluator:
         received: list[list] = [[] for _ in cands]  # (global chunk, share of D) from every rank
         self.shares = {}
         bar = progress_bar(total=len(cands) * self.rounds, desc=desc, disable=not self.progress, unit="round")
-        width = self.candidate_batch
+        width = self.candidate_batch  # candidates stacked in one forward
+        # under several ranks, the lowest partial sums advance `step` at a time with one collective for all:
+        # ranks wait for each other once per step (the slowest rank's sum of chunk costs, not per candidate)
+        step = max(width, DIST_STEP) if self.group.world > 1 else width
 
         def order(i: int) -> list[int]:
             if i not in orders:
@@ -598,12 +603,13 @@ class Evaluator:
                 r.counter.abandoned += len(heap)
                 break
             batch = [heapq.heappop(heap)]
-            if width > 1 and heap:
+            if step > 1 and heap:
                 # companions: the next lowest partial sums (those best-first scores next) that pass the
-                # bar and whose next chunks stack with the first one's
+                # bar and, to be stacked, whose next chunks stack with the first one's
                 cut = finished[k - 1][0] if "abandon" in self.levers and len(finished) >= k else float("inf")
-                want = stacks_with(batch[0][2])
-                picks = heapq.nsmallest(width - 1, (e for e in heap if e[0] <= cut and stacks_with(e[2]) == want))
+                want = stacks_with(batch[0][2]) if width > 1 else None
+                picks = heapq.nsmallest(step - 1, (e for e in heap if e[0] <= cut
+                                                   and (width == 1 or stacks_with(e[2]) == want)))
                 if picks:
                     taken = {e[2] for e in picks}
                     heap = [e for e in heap if e[2] not in taken]
@@ -617,17 +623,20 @@ class Evaluator:
             pairs: dict[int, tuple[float, float]] = {}
             for members in by_shape.values():
                 chunks = [orders[i][progress[i]] for i in members]
-                if len(members) == 1:
-                    i = members[0]
-                    values = [self.chunk_contribution(cands[i].config, chunks[0], cands[i].start, keys[i])]
+                if len(members) == 1 or width == 1:  # alone: each member's own forward
+                    values = [self.chunk_contribution(cands[i].config, c, cands[i].start, keys[i])
+                              for i, c in zip(members, chunks)]
                 else:
                     outs = self.run_batch([(cands[i].config, cands[i].start, keys[i], c) for i, c in zip(members, chunks)])
                     values = [self.disc.contribution(None if c < 0 else c, out) for c, out in zip(chunks, outs)]
                     del outs
                 pairs.update((i, (float(self.global_id[c]), v)) for i, c, v in zip(members, chunks, values))
-            for _, prio, i in batch:
+            t_wait = time.perf_counter()
+            arrived = self.group.gather_batch([pairs.get(i) for _, _, i in batch])  # one collective a step
+            self.wait_seconds += time.perf_counter() - t_wait
+            for (_, prio, i), got in zip(batch, arrived):
                 cand = cands[i]
-                received[i] += self.group.gather_pairs(pairs.get(i))
+                received[i] += got
                 partial[i] = fold(received[i])  # in global chunk order: a lower bound, and at the end D itself
                 progress[i] += 1
                 bar.update(1)

@@ -257,7 +257,8 @@ def search(
         report["seconds"] += heal_report["seconds"]
         report["calibration_report"] = heal_report["calibration_report"]
     per_rank = group.gather_objects({"rank": group.rank, "seconds": time.perf_counter() - t0,
-                                     "chunks": len(ev.chunks), **runner.counter.to_dict()})
+                                     "wait_seconds": ev.wait_seconds, "chunks": len(ev.chunks),
+                                     **runner.counter.to_dict()})
     report["distributed"] = {"world_size": group.world, "ranks": per_rank}
     if group.world > 1:  # the search's cost over all ranks
         report["counter"] = {k: sum(r[k] for r in per_rank) for k in runner.counter.to_dict()}
