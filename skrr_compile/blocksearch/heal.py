@@ -140,7 +140,7 @@ class _Stats:
     n: int  # tokens
     sample: list  # (f, h_in, h_out) float32 token rows kept for gradient steps
     gain: torch.Tensor | None = None  # sandwich norm (one site): its per-channel gain, recovered from f and norm(f)
-    folds: list | None = None  # ridge "auto": (A, B, yy, n) of each fold of prompts
+    folds: list | None = None  # (A, B, yy, n) of each fold of prompts (one fold unless the ridge is "auto")
 
 
 def _tensor(runner, name: str, current: dict) -> torch.Tensor:
@@ -149,16 +149,14 @@ def _tensor(runner, name: str, current: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, keep_tokens: int,
-             folds: int = 0) -> _Stats:
-    """f^T f and f^T y summed over the read tokens of every chunk and every site (y = f where no run follows);
-    with `folds`, also per fold of prompts (for the cross-validated ridge)."""
+             folds: int = 1) -> _Stats:
+    """f^T f and f^T y summed over the read tokens of every chunk and every site (y = f where no run follows),
+    per fold of prompts (`folds` > 1: for the cross-validated ridge) and in total."""
     r = ev.runner
     last_k = max(x.kept for x in sites)
     last_e = max([x.end for x in sites if x.end is not None] + [last_k])
-    A = B = None
-    yy, n, kept_tokens, sample = 0.0, 0, 0, []
-    last_gain = None
-    fold_sums = [[0, 0, 0.0, 0] for _ in range(folds)]
+    kept_tokens, sample, last_gain, device = 0, [], None, None
+    fold_sums = [[0, 0, 0.0, 0] for _ in range(folds)]  # A, B, ||y||^2, tokens; 0 until a fold has tokens
     norm_tensors = {t: _tensor(r, t, current) for x in sites for nm in x.norms for t in (nm.weight, nm.bias) if t}
     # stages before the first one the configuration (or a merged weight) changes are shared by both models
     changed = [j for j in range(r.num_blocks) if config.mode(j) != "keep"]
@@ -208,19 +206,14 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
                 else:
                     target = Hout
                 Y = target - Hin
-            if folds:
-                fold_of = (mask.nonzero()[:, 0] + c) % folds  # the prompt's fold, the same on any number of ranks
-                for k, acc in enumerate(fold_sums):
-                    rows = fold_of == k
-                    Fk, Yk = F[rows], Y[rows]
-                    acc[0], acc[1] = acc[0] + Fk.T @ Fk, acc[1] + Fk.T @ Yk
-                    acc[2] += float((Yk * Yk).sum())
-                    acc[3] += int(rows.sum())
-            else:
-                A = F.T @ F if A is None else A + F.T @ F
-                B = F.T @ Y if B is None else B + F.T @ Y
-                yy += float((Y * Y).sum())
-                n += F.shape[0]
+            device = F.device
+            if folds > 1:  # each token's prompt's fold, the same on any number of ranks
+                fold_of = (mask.nonzero()[:, 0] + c) % folds
+            for k, acc in enumerate(fold_sums):
+                Fk, Yk = (F, Y) if folds == 1 else (F[fold_of == k], Y[fold_of == k])
+                acc[0], acc[1] = acc[0] + Fk.T @ Fk, acc[1] + Fk.T @ Yk
+                acc[2] += float((Yk * Yk).sum())
+                acc[3] += Fk.shape[0]
             if x.post_norm and x.end is not None:
                 last_gain = gain
             if len(sites) == 1 and kept_tokens < keep_tokens:
@@ -229,19 +222,13 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
                 kept_tokens += m
         del cap, h_at
     g = ev.group
-    if folds:
-        if g.world > 1:  # every rank's fold sums, added in rank order
-            parts = g.gather_objects([[_cpu(v) for v in acc] for acc in fold_sums])
-            fold_sums = [[_sum([p[k][i] for p in parts], _device(fold_sums)) for i in range(4)] for k in range(folds)]
-        A, B = _sum([a[0] for a in fold_sums]), _sum([a[1] for a in fold_sums])
-        yy, n = sum(a[2] for a in fold_sums), sum(a[3] for a in fold_sums)
-        return _Stats(A, B, yy, n, sample, last_gain, [tuple(a) for a in fold_sums])
-    if g.world > 1:  # every rank's sums, added in rank order
-        parts = g.gather_objects((A.cpu(), B.cpu(), yy, n))
-        A = sum(p[0] for p in parts).to(A.device)
-        B = sum(p[1] for p in parts).to(B.device)
-        yy, n = sum(p[2] for p in parts), sum(p[3] for p in parts)
-    return _Stats(A, B, yy, n, sample, last_gain)
+    if g.world > 1:  # every rank's fold sums, added in rank order
+        parts = g.gather_objects([[v.cpu() if isinstance(v, torch.Tensor) else v for v in acc] for acc in fold_sums])
+        fold_sums = [[sum(p[k][i] for p in parts) for i in range(4)] for k in range(folds)]
+        fold_sums = [[v.to(device) if isinstance(v, torch.Tensor) else v for v in acc] for acc in fold_sums]
+    A, B = sum(a[0] for a in fold_sums), sum(a[1] for a in fold_sums)
+    yy, n = sum(a[2] for a in fold_sums), sum(a[3] for a in fold_sums)
+    return _Stats(A, B, yy, n, sample, last_gain, [tuple(a) for a in fold_sums])
 
 
 class NotAnRMSNorm(Exception):
@@ -261,22 +248,6 @@ def rms_gain(normalised: torch.Tensor, out: torch.Tensor, block: int) -> torch.T
     return gain
 
 
-def _cpu(v):
-    return v.cpu() if isinstance(v, torch.Tensor) else v
-
-
-def _device(fold_sums):
-    return next((v.device for acc in fold_sums for v in acc[:2] if isinstance(v, torch.Tensor)), None)
-
-
-def _sum(values, device=None):
-    """Sum in order; a fold without tokens holds the int 0, which adds as nothing."""
-    total = 0
-    for v in values:
-        total = total + (v.to(device) if device is not None and isinstance(v, torch.Tensor) else v)
-    return total
-
-
 def cross_validated_ridge(folds: list, grid=RIDGE_GRID) -> tuple[float | None, dict]:
     """The relative ridge of `grid` with the lowest held-out fit error over the folds (each fold's error of the
     map fitted on the other folds), and {ridge: summed held-out error / summed ||y||^2}.
@@ -285,8 +256,7 @@ def cross_validated_ridge(folds: list, grid=RIDGE_GRID) -> tuple[float | None, d
     G = Q^T A_k Q and H = Q^T B_k, the map T = Q diag(1 / (l + a)) C has held-out error
     sum_ij D_i D_j G_ij (C C^T)_ij - 2 sum_i D_i (H o C)_i. + yy_k, so every ridge costs O(d^2).
     None where fewer than two folds hold tokens (nothing to validate on)."""
-    A = _sum([f[0] for f in folds])
-    B = _sum([f[1] for f in folds])
+    A, B = sum(f[0] for f in folds), sum(f[1] for f in folds)  # a fold without tokens holds 0
     errors = torch.zeros(len(grid), dtype=torch.float64)
     total_yy = 0.0
     for Ak, Bk, yyk, nk in folds:
@@ -411,19 +381,17 @@ def heal_plan(graph: EncoderGraph, ev: Evaluator, plan: Plan, overrides: dict | 
         auto = heal_cfg.heal_ridge == "auto"
         try:
             stats = _collect(ev, config, sites, current, heal_cfg.heal_tokens if (method == "cosine") else 0,
-                             folds=CV_FOLDS if auto else 0)
+                             folds=CV_FOLDS if auto else 1)
         except NotAnRMSNorm as e:
             entries += [{"run": list(rr.blocks), "kept": rr.kept, "accepted": False, "reason": str(e)} for rr in unit]
             continue
         ridge, cv_note = heal_cfg.heal_ridge, None
         if auto:
-            ridge, table = cross_validated_ridge(stats.folds)
+            ridge, _ = cross_validated_ridge(stats.folds)
             if ridge is None:
                 ridge = FALLBACK_RIDGE
                 cv_note = (f"healing run {label}: the calibration prompts fill fewer than 2 of the {CV_FOLDS} folds, "
                            f"so the ridge cannot be cross-validated; fitting with ridge {ridge:g} (pass heal_ridge)")
-            else:
-                cv_note = None
         T, ridge, warning = solve(stats.A, stats.B, stats.n, ridge, label)
         for line in (cv_note, warning):
             if line:

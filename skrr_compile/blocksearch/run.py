@@ -248,7 +248,7 @@ def search(
     if "skip_phase" in report:
         report["skip_phase"]["calibration_report"] = ev.report(skip_only).to_dict()
     heal_method = config.heal.heal or ("lstsq" if method == "replaceme" else None)
-    plain = (plan, overrides)
+    plain_plan, plain_overrides = plan, overrides
     if heal_method:  # the final plan's runs of skipped sub-blocks, each healed by a map merged into kept weights
         plan, overrides, heal_report = heal_plan(graph, ev, plan, overrides, config.heal, method=heal_method,
                                                  progress=progress)
@@ -277,7 +277,7 @@ def search(
                       calibration_report=heal_report["calibration_report_before"])
         if "discrepancy" in report:
             before["discrepancy"] = before["calibration_report"]["discrepancy"]
-        result.unhealed = SearchResult(plain[0], before, plain[1], result.weights)
+        result.unhealed = SearchResult(plain_plan, before, plain_overrides, result.weights)
     if heal_method and overrides:  # the healed weights are part of the finished state (read back on resume)
         ckpt.save_tensors("laco", overrides)
     ckpt.save(phase="done", plan=plan.to_dict(), report=report)

@@ -376,13 +376,10 @@ def _prune_text_model(args, pipe, spec, config: MagnitudeConfig, plan: Plan | No
     probe = spec_scoring(pipe, spec, [PROBE_PROMPT], chunk_size=1)
     ids, mask = probe.calibration.chunks[0]
     run = probe.call(text)
-    layers = select_layers(text, config)
-    read = layers_read(layers, lambda: probe.select(run(ids, attention_mask=mask)))
-    if layers and not read:
+    read, unread = _split_read(text, config, lambda: probe.select(run(ids, attention_mask=mask)))
+    if not read and unread:
         raise CLIError(f"none of the Linear layers of {spec.component}'s {type(dense).__name__} reaches what the "
                        "pipeline reads")
-    names = {layer.name for layer in read}
-    unread = [layer.name for layer in layers if layer.name not in names]
     effective = dataclasses.replace(config, exclude=(*config.exclude, *(glob.escape(n) for n in unread)))
     calibration = info_cal = None
     if config.criterion == "wanda":
@@ -404,6 +401,14 @@ def _prune_text_model(args, pipe, spec, config: MagnitudeConfig, plan: Plan | No
         **({"calibration": info_cal} if info_cal else {}),
     })
     return replacement, result
+
+
+def _split_read(model, config: MagnitudeConfig, forward) -> tuple[list, list[str]]:
+    """(the layers `config` selects whose weights reach the outputs of `forward()`, the names of the others)."""
+    layers = select_layers(model, config)
+    read = layers_read(layers, forward)
+    names = {layer.name for layer in read}
+    return read, [layer.name for layer in layers if layer.name not in names]
 
 
 def _text_metric(args, path: Path, name: str, pipeline: bool):
@@ -449,12 +454,10 @@ def _text_metric(args, path: Path, name: str, pipeline: bool):
         reads = [o.describe() for o in spec.outputs]
         # layers past the hidden state the pipeline reads (the last decoder layer for hidden_states[-2], an LM
         # head) reach nothing it reads: left dense and out of the sweep's sparsity, as `magnitude` does
-        layers = select_layers(model, MagnitudeConfig(0.0, include_conv=args.include_conv, exclude=tuple(args.exclude)))
         ids, mask = cal.chunks[0]
-        read_names = {layer.name for layer in layers_read(layers, lambda: select(call(model)(ids, attention_mask=mask)))}
-        unread = [layer.name for layer in layers if layer.name not in read_names]
-        extra = {"text_model": type(model).__name__, "spec": spec.to_dict(), "unread_layers": unread,
-                 "exclude_unread": [glob.escape(n) for n in unread]}
+        _, unread = _split_read(model, MagnitudeConfig(0.0, include_conv=args.include_conv, exclude=tuple(args.exclude)),
+                                lambda: select(call(model)(ids, attention_mask=mask)))
+        extra = {"text_model": type(model).__name__, "spec": spec.to_dict(), "unread_layers": unread}
     else:
         model = load_source_component(path, name, dtype=_dtype(args))
         tokenizer = load_source_tokenizer(path, name)
@@ -509,7 +512,7 @@ def _sweep(args, group) -> int:
                 "timesteps": args.timesteps, "batch": args.batch, "latent_size": args.latent_size}
     else:
         model, evaluate, info, calibrate = _text_metric(args, path, name, pipeline)
-    exclude = [*args.exclude, *info.pop("exclude_unread", [])]
+    exclude = [*args.exclude, *(glob.escape(n) for n in info.get("unread_layers", ()))]
     info = {"model": str(args.model), "component": name, "class": type(model).__name__, **info}
     results = []
     for criterion in criteria:
