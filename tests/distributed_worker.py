@@ -1,9 +1,10 @@
 """One rank of a distributed search, for tests/test_distributed.py (env: RANK, WORLD_SIZE, MASTER_*).
 
-    python tests/distributed_worker.py api OUT_JSON [STATE_DIR] [--resume]   # T5 with re-use, API
+    python tests/distributed_worker.py api OUT_JSON [STATE_DIR] [--resume]   # T5 with re-use, API (+ OUT.pt)
     python tests/distributed_worker.py cli ARGS...                            # the CLI (skrr_compile.cli.main)
     python tests/distributed_worker.py wanda OUT_PT                           # Wanda norms, masks, hybrid weights
     python tests/distributed_worker.py laco OUT_PT [STATE_DIR] [--resume]    # LaCo on T5, API
+DISTRIBUTE=candidates|chunks, CANDIDATE_BATCH=N|auto, HEAL=lstsq|cosine: the api search's options.
 SKRR_TEST_STOP_AFTER=N: Ctrl-C (KeyboardInterrupt) on every rank at the N-th selection (LaCo: N-th scored merge).
 SKRR_TEST_DIE_RANK=R: rank R dies (os._exit) at the 2nd selection, or at its 1st Wanda calibration batch.
 """
@@ -146,22 +147,30 @@ def main() -> int:
         batch = os.environ.get("CANDIDATE_BATCH", "1")
         res = skrr.search(model, None, t5_calibration(), sparsity=0.45, method="skrr", progress=False,
                           out_dir=state, resume="--resume" in sys.argv,
-                          candidate_batch=batch if batch == "auto" else int(batch))
+                          candidate_batch=batch if batch == "auto" else int(batch),
+                          distribute=os.environ.get("DISTRIBUTE", "candidates"), heal=os.environ.get("HEAL") or None)
     except KeyboardInterrupt:
         return 130
     if rank == 0:
         out.write_text(json.dumps({"plan": res.plan.to_dict(), "discrepancy": res.report["discrepancy"],
                                    "report": res.report["calibration_report"],
                                    "distributed": res.report["distributed"], "counter": res.report["counter"],
-                                   "reuse_steps": res.report.get("reuse_steps")}))
+                                   "reuse_steps": res.report.get("reuse_steps"), "heal": res.report.get("heal")}))
+        torch.save(res.overrides, out.with_suffix(".pt"))
     return 0
 
 
 if __name__ == "__main__":
-    from skrr_compile.blocksearch.distributed import leave
+    from skrr_compile.blocksearch.distributed import exit_rank
 
+    code = 1
     try:
         code = main()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # exit_rank ends the process before Python would print it
+        raise
     finally:
-        leave()  # as the CLI does: a rank that exits inside the group may abort in teardown
+        exit_rank(code)  # as the CLI does: a rank that finalizes the interpreter may abort (exit_rank)
     sys.exit(code)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from skrr_compile.blocksearch.errors import SearchError
-from skrr_compile.blocksearch.evaluator import LEVERS  # the exact speed levers
+from skrr_compile.blocksearch.evaluator import DISTRIBUTE, LEVERS  # how ranks share a search; speed levers
 from skrr_compile.blocksearch.reference import PLACEMENTS  # where the projected dense reference lives
 
 METHODS = ("skrr", "skrr-skip", "finercut", "shortgpt", "laco", "replaceme")
@@ -151,6 +151,9 @@ class MemoryConfig:
     weights_path: str | None = None  # offload "disk": the checkpoint directory whose safetensors are read
     # candidates scored in one stacked forward (1: one at a time; "auto": sized by rows and the device budget)
     candidate_batch: int | str = 1
+    # under torchrun: "candidates" (each rank scores its share of the candidates on every prompt chunk) or
+    # "chunks" (each rank scores every candidate on its shard of the chunks, holding 1/world of the states)
+    distribute: str = "candidates"
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):
@@ -180,6 +183,8 @@ class MemoryConfig:
                     or self.candidate_batch < 1:
                 raise SearchError(f"candidate_batch must be a number of candidates >= 1 or 'auto', "
                                   f"got {self.candidate_batch!r}")
+        if self.distribute not in DISTRIBUTE:
+            raise SearchError(f"distribute must be one of {', '.join(DISTRIBUTE)}, got {self.distribute!r}")
         if self.offload == "disk" and self.weights_path is None:
             raise SearchError("offload='disk' needs weights_path: the checkpoint directory whose safetensors are read")
 

@@ -140,10 +140,11 @@ class Discrepancy:
         return sum(s / c for s, c in zip(self._sums(chunk, output), counts))
 
     @torch.no_grad()
-    def report_parts(self, chunk_outputs: Sequence) -> list[tuple[list[float], float, int]]:
-        """Per chunk: (squared-error sums per output, cosine sum, counted tokens), for `report_from_parts`."""
+    def report_parts(self, chunk_outputs: Sequence, chunks: Sequence[int] | None = None) -> list[tuple[list[float], float, int]]:
+        """Per chunk (`chunks`: the chunks the outputs are of; default all, in order): (squared-error sums per
+        output, cosine sum, counted tokens), for `report_from_parts`."""
         parts = []
-        for k, out in enumerate(chunk_outputs):
+        for k, out in zip(range(len(self.masks)) if chunks is None else chunks, chunk_outputs):
             f = self.project(0, self.features(out)[0]).double()
             m = self._mask_for(f, self.masks[k])
             cos = torch.nn.functional.cosine_similarity(f, self.reference[k][0].double(), dim=-1)

@@ -1,10 +1,15 @@
-"""Data-parallel scoring on torch.distributed: every rank scores the same candidates on its own shard of
-the prompt chunks, and the shares are combined so that every rank takes the same decisions.
+"""Scoring on torch.distributed, two ways (`SearchConfig.distribute`):
 
-Exactness: values are all-gathered (not all-reduced) and folded in the global chunk order, so a
-candidate's D is the very float a single process computes, whatever the number of ranks; a partial sum
-over the chunks received so far, folded in that order, is never above the full fold (rounding is
-monotone), so abandoning on it stays exact. Backend: NCCL on CUDA, gloo on CPU; collectives time out.
+- "candidates" (default): every rank holds every prompt chunk and scores its own share of the candidates
+  in full; ranks exchange the scores they finish (`Exchange`, never waiting for each other while there is
+  work), so each abandons on the best scores any rank knows. A candidate's D is computed on one rank with
+  the ops of one process: the very float.
+- "chunks": every rank scores the same candidates on its own shard of the prompt chunks (each holds 1/world
+  of the states and the reference); values are all-gathered (not all-reduced) and folded in the global
+  chunk order, so D is again the float one process computes; a partial sum over the chunks received so far,
+  folded in that order, is never above the full fold (rounding is monotone), so abandoning on it stays exact.
+
+Backend: NCCL on CUDA, gloo on CPU; collectives time out.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -63,10 +69,22 @@ class TorchGroup(Solo):
         return [[(row[2 * j], row[2 * j + 1]) for row in rows if row[2 * j] != NONE] for j in range(len(pairs))]
 
     def gather_rows(self, row):
+        return self.start_gather(row)()
+
+    def start_gather(self, row):
+        """Begin gathering every rank's `row` without waiting; returns `finish(block=True)`, which gives the
+        rows in rank order, or None when `block` is False and they have not all arrived yet."""
         mine = torch.tensor(row, dtype=torch.float64, device=self.device)
         out = [torch.empty_like(mine) for _ in range(self.world)]
-        self.dist.all_gather(out, mine)
-        return [t.cpu().tolist() for t in out]
+        work = self.dist.all_gather(out, mine, async_op=True)
+
+        def finish(block: bool = True):
+            if not block and not work.is_completed():
+                return None
+            work.wait()  # raises what the collective met (a rank that stopped, a timeout)
+            return [t.cpu().tolist() for t in out]
+
+        return finish
 
     def gather_objects(self, obj) -> list:
         out = [None] * self.world
@@ -127,13 +145,108 @@ def init_from_env(device: str | torch.device, timeout_s: float = 600.0):
 
 
 def leave() -> None:
-    """Destroy the default process group, if one is initialised: a process that exits with it alive (its gloo
-    threads and, on rank 0, the TCPStore server still running) can die in C++ teardown with SIGABRT
-    ("terminate called without an active exception") instead of its exit code. Purely local: no collective."""
+    """Destroy the default process group, if one is initialised. Purely local: no collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def in_group() -> bool:
+    """Whether this process has joined a process group of several ranks."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def exit_rank(code: int):
+    """End this process with `code` if it joined a process group of several ranks (else return).
+
+    Why not a normal exit: gloo's worker threads free each finished collective's tensors on their own
+    thread, and a tensor Python created drops its Python object there, which takes the GIL. If that happens
+    while the interpreter finalizes, taking the GIL ends the thread inside a noexcept destructor:
+    std::terminate, SIGABRT ("terminate called without an active exception"; core dump: the gloo runLoop
+    thread in ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit, the main thread in
+    Py_FinalizeEx). destroy_process_group does not join those threads. So: leave the group, run the atexit
+    handlers (logging's flush among them), flush stdout/stderr, and exit without finalizing the interpreter.
+    Every output is already written and closed (atomically) by then."""
+    import atexit
+
+    if not in_group():
+        return
+    leave()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+class Exchange:
+    """What ranks that split candidates tell each other while each goes on scoring its own.
+
+    One all-gather is always in flight; `poll` (after each piece of work) takes it when it has arrived and
+    posts the next. A post carries the scores this rank finished since its last (SLOTS (position, score)
+    pairs; more wait for the next), whether it is idle (no candidate left), and candidates it gives to an
+    idle rank (up to SLOTS positions: a rank that runs out early takes over part of a busy one's work, so
+    no rank waits while another has a queue). The receiver scores a gift from its first chunk. The
+    exchange is over at the first gather in which every rank is idle; a post that gives is never idle, so
+    no gift is in flight then, and every rank ends at that same gather knowing every score.
+    """
+
+    SLOTS = 8
+
+    def __init__(self, group: TorchGroup):
+        self.group, self.outbox, self.over, self.seq = group, [], False, 0
+        self.idle: dict[int, int] = {}  # rank -> the gather at which it last said it was idle
+        self.gave: dict[int, int] = {}  # rank -> the gather that carried this rank's last gift to it
+        self._post(False, None, [])
+
+    def _post(self, idle: bool, to: int | None, gift: list[int]) -> None:
+        sent, self.outbox = self.outbox[:self.SLOTS], self.outbox[self.SLOTS:]
+        scores = [x for pair in sent for x in pair] + [NONE, 0.0] * (self.SLOTS - len(sent))
+        given = [float(i) for i in gift] + [NONE] * (self.SLOTS - len(gift))
+        head = [float(idle and not self.outbox and not gift), float(len(sent)), float(len(gift)),
+                float(-1 if to is None else to)]
+        self._pending = self.group.start_gather(head + scores + given)
+
+    def send(self, position: int, score: float) -> None:
+        self.outbox.append((float(position), score))
+
+    def poll(self, idle: bool = False, block: bool = False, give=None) -> tuple[list[tuple[int, float]], list[int]]:
+        """(scores other ranks finished, candidates given to this rank) that arrived with the gather in
+        flight; [] and [] when it has not arrived (`block`: wait for it) or the exchange is over. `idle`:
+        this rank has nothing to score. `give(ranks)`: called with the idle ranks this one may give to,
+        returns (rank, positions) or None."""
+        rows = None if self.over else self._pending(block=block)
+        if rows is None:
+            return [], []
+        self.seq += 1
+        scores, gifts, me, s = [], [], self.group.rank, self.SLOTS
+        for rank, row in enumerate(rows):
+            if rank == me:
+                continue
+            scores += [(int(row[4 + 2 * j]), row[5 + 2 * j]) for j in range(int(row[1]))]
+            if int(row[3]) == me:
+                gifts += [int(row[4 + 2 * s + j]) for j in range(int(row[2]))]
+            if row[0] == 1.0:
+                self.idle[rank] = self.seq
+        if all(row[0] == 1.0 for row in rows):
+            self.over = True
+            return scores, gifts
+        to, gift = None, []
+        if give is not None and not idle:
+            # idle ranks whose idleness was posted after they took this rank's last gift to them
+            takers = [r for r, t in self.idle.items() if rows[r][0] == 1.0 and t > self.gave.get(r, -1)]
+            picked = give(takers) if takers else None
+            if picked:
+                to, gift = picked
+                assert len(gift) <= s, "a gift holds at most SLOTS candidates"
+                self.gave[to] = self.seq + 1
+        self._post(idle and not gifts, to, gift)
+        return scores, gifts
 
 
 def shard(n_chunks: int, rank: int, world: int) -> list[int]:

@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 
 from skrr_compile.blocksearch.calibration import Calibration
 from skrr_compile.blocksearch.discrepancy import Discrepancy, last_hidden_state
-from skrr_compile.blocksearch.distributed import Solo, fold, shard
+from skrr_compile.blocksearch.distributed import Exchange, Solo, fold, shard
 from skrr_compile.blocksearch.runner import Config, StagedRunner
 from skrr_compile.utils.progress import progress_bar
 
@@ -147,7 +147,20 @@ LEVERS = ("abandon", "memo", "order")
 # candidate batching "auto": prompt rows per stacked forward, by device kind, and the most candidates in one
 AUTO_ROWS = {"cpu": 4, "cuda": 256}
 AUTO_MAX = 32
-DIST_STEP = 8  # several ranks: candidates advanced per step (one collective each step)
+DIST_STEP = 8  # several ranks splitting chunks: candidates advanced per step (one collective each step)
+DISTRIBUTE = ("candidates", "chunks")  # how several ranks share a search (distributed.py)
+
+
+def deal(cands: Sequence[Candidate], world: int) -> list[int]:
+    """The rank that scores each candidate, when ranks split candidates: by the sub-block it starts at, so
+    candidates that share states (one start, the next step's from this one's) land on one rank, dealt in
+    snake order over the starts (0, 1, 1, 0, ...: each rank gets early, costly starts and late, cheap ones);
+    candidates that all start at one sub-block (a re-use step) are dealt by position."""
+    starts = sorted({c.start for c in cands})
+    if len(starts) == 1:
+        return [i % world for i in range(len(cands))]
+    snake = {s: n % world if (n // world) % 2 == 0 else world - 1 - n % world for n, s in enumerate(starts)}
+    return [snake[c.start] for c in cands]
 
 
 class Evaluator:
@@ -163,25 +176,34 @@ class Evaluator:
                  select: Callable = last_hidden_state, cache_bytes: int = 4 << 30, beam: int = 3,
                  progress: bool = False, host_cache_bytes: int = 0, reference: str = "device",
                  reference_path=None, group=None, levers: Sequence[str] | None = None,
-                 candidate_batch: int | str = 1):
+                 candidate_batch: int | str = 1, distribute: str = "candidates"):
         self.started = time.perf_counter()  # per-step "elapsed" in the report counts from here
         self.levers = frozenset(LEVERS if levers is None else levers)
         if not self.levers <= set(LEVERS):
             raise ValueError(f"unknown search levers {sorted(self.levers - set(LEVERS))}; known: {', '.join(LEVERS)}")
+        if distribute not in DISTRIBUTE:
+            raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTE)}, got {distribute!r}")
         self.runner = runner
         self.group = group or Solo()
         self.progress = progress and self.group.is_writer
         runner.restrict_outputs(select)
         g = self.group
         n_total = len(calibration.chunks)
-        mine = shard(n_total, g.rank, g.world)  # this rank's prompt chunks (global indices)
-        if g.world > 1:
+        # by chunks: this rank holds and scores its shard; by candidates: it holds every chunk
+        self.by_chunks = g.world > 1 and distribute == "chunks"
+        mine = shard(n_total, g.rank, g.world) if self.by_chunks else list(range(n_total))
+        if self.by_chunks:
             calibration = dataclasses.replace(calibration, chunks=[calibration.chunks[i] for i in mine])
         self.global_id = {-1: -1, **dict(enumerate(mine))}  # local chunk -> global chunk
-        # the null prompt (-1) is scored once, on rank 0; every rank knows it for reports
-        self.chunks = ([-1] if g.rank == 0 else []) + list(range(len(mine)))
+        # the null prompt (-1) is scored once, on rank 0, when chunks are split; every rank knows it for reports
+        self.chunks = ([-1] if g.rank == 0 or not self.by_chunks else []) + list(range(len(mine)))
+        # the chunks whose report parts (reports, healing statistics, baselines' sums) this rank contributes
+        own = set(shard(n_total, g.rank, g.world))
+        self.owned = self.chunks if self.by_chunks else \
+            ([-1] if g.rank == 0 else []) + [c for c in range(n_total) if c in own]
         # a candidate is complete after as many rounds as the largest shard has chunks (a round: one per rank)
-        self.rounds = max((r == 0) + len(shard(n_total, r, g.world)) for r in range(g.world))
+        self.rounds = max((r == 0) + len(shard(n_total, r, g.world)) for r in range(g.world)) if self.by_chunks \
+            else len(self.chunks)
         self.inputs = {-1: calibration.null, **dict(enumerate(calibration.chunks))}
         self.disc = Discrepancy(calibration, projection, select)
         self.tokens = {c: max(1, self.inputs[c][0].numel()) for c in self.chunks}  # cost of scoring a chunk
@@ -206,7 +228,7 @@ class Evaluator:
         self.disc.set_reference((self.run_chunk(Config(), c, keys=dense_keys, share=0.5) for c in self.chunks if c >= 0),
                                 null_out, placement=reference, path=reference_path)
         del null_out
-        if g.world > 1:  # token counts over every rank's chunks (integers: exact in any order)
+        if self.by_chunks:  # token counts over every rank's chunks (integers: exact in any order)
             counts = g.gather_objects(self.disc.prompt_counts)
             self.disc.prompt_counts = [float(sum(int(c[i]) for c in counts)) for i in range(len(counts[0]))]
         self.shares: dict[int, dict] = {}
@@ -218,25 +240,27 @@ class Evaluator:
 
     def resolve_candidate_batch(self, n: int | str) -> int:
         """How many candidates one stacked forward carries: at most as many as fit in an eighth of the device
-        budget at the largest chunk's activation peak (`lane_peak_bytes`). "auto": also about AUTO_ROWS
+        budget at the largest chunk's activation peak (`lane_peak_bytes`); "auto": also about AUTO_ROWS
         prompt rows per stacked forward (by device kind: where the per-prompt cost of a stage stops
-        falling), at most AUTO_MAX, and only where stacked rows are bit-identical to rows alone (`probe`);
-        an explicit N runs either way (the report and the log say when they are not). Every rank uses the
-        smallest of the ranks' sizes (they pick the same batches)."""
-        self.lane_bytes, self.stacking = 0, None
+        falling), at most AUTO_MAX. Either way only chunk shapes whose rows stacked are bit-identical to
+        rows alone (`probe`) stack; the others are scored one candidate at a time, so the search stays exact
+        (1 where no shape stacks exactly). Every rank uses the smallest of the ranks' sizes (they pick the
+        same batches)."""
+        self.lane_bytes, self.stacking, self.alone_shapes = 0, None, set()
         width = 1
         if n != 1:
             self.lane_bytes = self.lane_peak_bytes()
             fit = max(1, int(self.budget.limit["device"] // 8 // max(1, self.lane_bytes)))
-            auto = n == "auto"
-            if auto:
+            if n == "auto":
                 rows = max(self.inputs[c][0].shape[0] for c in self.chunks)
                 n = min(AUTO_MAX, max(1, AUTO_ROWS.get(self.budget.device.type, AUTO_ROWS["cpu"]) // rows))
             width = max(1, min(int(n), fit))
             if width > 1:
-                diff = self.probe(width)
-                self.stacking = {"bit_identical": diff == 0.0, "max_relative_difference": diff}
-                if diff and auto:
+                diffs = self.probe(width)
+                self.alone_shapes = {shape for shape, d in diffs.items() if d}
+                self.stacking = {"bit_identical": not self.alone_shapes, "max_relative_difference": max(diffs.values()),
+                                 "shapes": len(diffs), "shapes_alone": len(self.alone_shapes)}
+                if len(self.alone_shapes) == len(diffs):
                     width = 1
         if self.group.world > 1:
             width = min(self.group.gather_objects(width))
@@ -255,20 +279,29 @@ class Evaluator:
         r.live = None
         return h, peak
 
-    def probe(self, width: int) -> float:
-        """The largest relative difference between a chunk's dense stream scored alone and stacked with copies
-        of itself (2 and `width` copies), on the largest and the smallest chunk: 0.0 where this backend
-        computes a row the same whatever the batch (one CPU thread; not several, whose split follows the
-        batch; GPUs vary by kernel)."""
-        worst = 0.0
-        for c in {max(self.chunks, key=lambda c: self.tokens[c]), min(self.chunks, key=lambda c: self.tokens[c])}:
+    def probe(self, width: int) -> dict[tuple, float]:
+        """By chunk shape, the largest relative difference between the dense stream of its chunk with the
+        fewest rows scored alone and stacked with copies of itself (2 and `width` copies): 0.0 where this
+        backend computes a row the same whatever the batch. Kernels pick their path by the rows of a GEMM
+        (MKL on AVX-512: 1-3 rows differ from 4 or more; one CPU thread, as several split by the batch), so
+        a short null prompt may differ where the prompt chunks do not."""
+        fewest: dict[tuple, int] = {}
+        for c in self.chunks:
+            shape = self.shape_of(c)
+            if shape not in fewest or self.inputs[c][0].shape[0] < self.inputs[fewest[shape]][0].shape[0]:
+                fewest[shape] = c
+        diffs = {}
+        for shape, c in fewest.items():
             alone = self._alone.pop(c, None)
             alone = alone if alone is not None else self.dense_stream((c,))[0]
             scale = float(alone.abs().max()) or 1.0
+            diffs[shape] = 0.0
             for n in sorted({2, width}):
                 h = self.dense_stream((c,) * n)[0]
-                worst = max(worst, max(float((part - alone).abs().max()) / scale for part in h.split(alone.shape[0])))
-        return worst
+                diffs[shape] = max(diffs[shape], *(float((part - alone).abs().max()) / scale
+                                                   for part in h.split(alone.shape[0])))
+        self._alone = {}
+        return diffs
 
     def lane_peak_bytes(self) -> int:
         """Bytes alive at the peak of the costliest stage on the largest chunk (one candidate's share of a
@@ -566,10 +599,20 @@ class Evaluator:
         complete, a candidate whose partial sum exceeds the k-th best is abandoned (strictly: equal partial
         sums are always finished, so ties are decided exactly). Returns the complete scores by candidate
         position; `self.shares[i]` holds each complete candidate's shares by global chunk.
+
+        Several ranks splitting candidates: each runs this best-first over its own (`deal`) on every chunk,
+        abandoning on the k-th best of the scores any rank finished (`Exchange`: they arrive while it scores);
+        a rank that runs out is given part of a busy rank's queue; the scores and shares of every rank are
+        returned on every rank.
         """
         r = self.runner
-        r.counter.candidates += len(cands)
-        heap = [(0.0, cand.priority, i) for i, cand in enumerate(cands)]
+        exchange = None
+        if self.group.world > 1 and not self.by_chunks:
+            owner = deal(cands, self.group.world)
+            exchange = Exchange(self.group)
+        mine = [i for i in range(len(cands)) if exchange is None or owner[i] == self.group.rank]
+        r.counter.candidates += len(mine)
+        heap = [(0.0, cands[i].priority, i) for i in mine]
         heapq.heapify(heap)
         progress, partial, done = [0] * len(cands), [0.0] * len(cands), {}
         orders: dict[int, list[int]] = {}
@@ -577,11 +620,17 @@ class Evaluator:
         finished = sorted(complete)
         received: list[list] = [[] for _ in cands]  # (global chunk, share of D) from every rank
         self.shares = {}
-        bar = progress_bar(total=len(cands) * self.rounds, desc=desc, disable=not self.progress, unit="round")
+        bar = progress_bar(total=len(mine) * self.rounds, desc=desc, disable=not self.progress, unit="round")
         width = self.candidate_batch  # candidates stacked in one forward
         # under several ranks, the lowest partial sums advance `step` at a time with one collective for all:
         # ranks wait for each other once per step (the slowest rank's sum of chunk costs, not per candidate)
-        step = max(width, DIST_STEP) if self.group.world > 1 else width
+        step = max(width, DIST_STEP) if self.by_chunks else width
+        gather = self.group.gather_batch if self.by_chunks else Solo().gather_batch
+
+        def arrive(pairs) -> None:  # scores other ranks finished
+            for i, score in pairs:
+                done[i] = score
+                bisect.insort(finished, (score, cands[i].tie))
 
         def order(i: int) -> list[int]:
             if i not in orders:
@@ -593,23 +642,49 @@ class Evaluator:
             """What must agree for i to stack with other candidates: the shape of its next chunk here;
             across ranks (whose chunks differ) its progress and parent, which every rank knows (candidates of
             one parent score their chunks in about one order)."""
-            if self.group.world > 1:
+            if self.by_chunks:
                 return progress[i], id(cands[i].shares)
             o = order(i)
-            return self.shape_of(o[progress[i]]) if progress[i] < len(o) else None
+            shape = self.shape_of(o[progress[i]]) if progress[i] < len(o) else None
+            return None if shape in self.alone_shapes else shape
 
-        while heap:
-            if "abandon" in self.levers and len(finished) >= k and heap[0][0] > finished[k - 1][0]:
+        def take(gifts) -> None:  # candidates an idle rank is given: scored here from their first chunk
+            for i in gifts:
+                heapq.heappush(heap, (0.0, cands[i].priority, i))
+
+        def give(takers):  # to an idle rank: every other candidate of this rank's queue, in best-first order
+            nonlocal heap
+            if len(heap) < 2:
+                return None
+            gift = [e[2] for e in sorted(heap)[1::2][:Exchange.SLOTS]]
+            for i in gift:
+                progress[i], partial[i], received[i] = 0, 0.0, []
+                orders.pop(i, None), keys.pop(i, None)
+            heap = [e for e in heap if e[2] not in set(gift)]
+            heapq.heapify(heap)
+            return takers[0], gift
+
+        while True:
+            if heap and "abandon" in self.levers and len(finished) >= k and heap[0][0] > finished[k - 1][0]:
                 r.counter.abandoned += len(heap)
-                break
+                heap = []
+            if not heap:
+                if exchange is None or exchange.over:
+                    break
+                t_wait = time.perf_counter()  # idle: wait for the next gather (scores, perhaps a gift)
+                scores, gifts = exchange.poll(idle=True, block=True)
+                self.wait_seconds += time.perf_counter() - t_wait
+                arrive(scores)
+                take(gifts)
+                continue
             batch = [heapq.heappop(heap)]
             if step > 1 and heap:
                 # companions: the next lowest partial sums (those best-first scores next) that pass the
                 # bar and, to be stacked, whose next chunks stack with the first one's
                 cut = finished[k - 1][0] if "abandon" in self.levers and len(finished) >= k else float("inf")
                 want = stacks_with(batch[0][2]) if width > 1 else None
-                picks = heapq.nsmallest(step - 1, (e for e in heap if e[0] <= cut
-                                                   and (width == 1 or stacks_with(e[2]) == want)))
+                picks = [] if width > 1 and want is None else heapq.nsmallest(
+                    step - 1, (e for e in heap if e[0] <= cut and (width == 1 or stacks_with(e[2]) == want)))
                 if picks:
                     taken = {e[2] for e in picks}
                     heap = [e for e in heap if e[2] not in taken]
@@ -621,9 +696,9 @@ class Evaluator:
                 if progress[i] < len(o):
                     by_shape.setdefault(self.shape_of(o[progress[i]]), []).append(i)
             pairs: dict[int, tuple[float, float]] = {}
-            for members in by_shape.values():
+            for shape, members in by_shape.items():
                 chunks = [orders[i][progress[i]] for i in members]
-                if len(members) == 1 or width == 1:  # alone: each member's own forward
+                if len(members) == 1 or width == 1 or shape in self.alone_shapes:  # each member's own forward
                     values = [self.chunk_contribution(cands[i].config, c, cands[i].start, keys[i])
                               for i, c in zip(members, chunks)]
                 else:
@@ -632,7 +707,7 @@ class Evaluator:
                     del outs
                 pairs.update((i, (float(self.global_id[c]), v)) for i, c, v in zip(members, chunks, values))
             t_wait = time.perf_counter()
-            arrived = self.group.gather_batch([pairs.get(i) for _, _, i in batch])  # one collective a step
+            arrived = gather([pairs.get(i) for _, _, i in batch])  # by chunks: one collective a step
             self.wait_seconds += time.perf_counter() - t_wait
             for (_, prio, i), got in zip(batch, arrived):
                 cand = cands[i]
@@ -646,20 +721,30 @@ class Evaluator:
                     del orders[i], keys[i]
                     bisect.insort(finished, (partial[i], cand.tie))
                     bar.set_postfix(best=f"{finished[0][0]:.4g}", scored=len(done))
+                    if exchange is not None:
+                        exchange.send(i, partial[i])
                 else:
                     heapq.heappush(heap, (partial[i], prio, i))
+            if exchange is not None:
+                scores, gifts = exchange.poll(give=give)
+                arrive(scores)
+                take(gifts)
+        if exchange is not None:  # every rank's shares of the candidates it finished
+            for shares in self.group.gather_objects(dict(self.shares)):
+                self.shares.update(shares)
         bar.close()
         return done
 
     def report(self, config: Config) -> dict:
         """The discrepancy report of `config` over every rank's chunks, folded in global chunk order."""
         outs, null = self.outputs(config)
-        parts = [(self.global_id[k], part) for k, part in enumerate(self.disc.report_parts(outs))]
+        own = [c for c in self.owned if c >= 0]
+        parts = [(self.global_id[k], part) for k, part in zip(own, self.disc.report_parts(outs, own))]
         everything = [p for rank_parts in self.group.gather_objects(parts) for p in rank_parts]
         return self.disc.report_from_parts([part for _, part in sorted(everything, key=lambda p: p[0])], null)
 
     def outputs(self, config: Config):
         """(chunk outputs, null output) of `config` on the calibration set, for reports."""
         r = self.runner
-        outs = [r.forward(config, None, None, ctx=self.context(c)) for c in self.chunks if c >= 0]
+        outs = [r.forward(config, None, None, ctx=self.context(c)) for c in self.owned if c >= 0]
         return outs, r.forward(config, None, None, ctx=self.context(-1))

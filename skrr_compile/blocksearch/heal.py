@@ -163,6 +163,8 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
     merged_blocks = [b.index for b in r.graph.blocks if any(p in current for p in b.params)]
     common = min(changed + merged_blocks + [min(x.kept for x in sites)])
     ends = {x.end + 1 for x in sites if x.end is not None}
+    # every chunk this rank holds: all of them when ranks split candidates (each rank adds the statistics in
+    # one process's order: the same floats), its shard when they split chunks (added across ranks below)
     for c in ev.chunks:
         ctx = ev.context(c)
         mask = ev.disc.null_mask if c < 0 else ev.disc.masks[c]
@@ -208,7 +210,7 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
                 Y = target - Hin
             device = F.device
             if folds > 1:  # each token's prompt's fold, the same on any number of ranks
-                fold_of = (mask.nonzero()[:, 0] + c) % folds
+                fold_of = (mask.nonzero()[:, 0] + ev.global_id[c]) % folds
             for k, acc in enumerate(fold_sums):
                 Fk, Yk = (F, Y) if folds == 1 else (F[fold_of == k], Y[fold_of == k])
                 acc[0], acc[1] = acc[0] + Fk.T @ Fk, acc[1] + Fk.T @ Yk
@@ -218,14 +220,24 @@ def _collect(ev: Evaluator, config: Config, sites: list[Site], current: dict, ke
                 last_gain = gain
             if len(sites) == 1 and kept_tokens < keep_tokens:
                 m = min(keep_tokens - kept_tokens, F.shape[0])
-                sample.append((F[:m].float(), Hin[:m].float(), Hout[:m].float()))
+                sample.append((ev.global_id[c], F[:m].float(), Hin[:m].float(), Hout[:m].float()))
                 kept_tokens += m
         del cap, h_at
-    g = ev.group
-    if g.world > 1:  # every rank's fold sums, added in rank order
+    if ev.by_chunks:  # every rank's fold sums, added in rank order (float64: equal to rounding, not bit for bit)
+        g = ev.group
         parts = g.gather_objects([[v.cpu() if isinstance(v, torch.Tensor) else v for v in acc] for acc in fold_sums])
         fold_sums = [[sum(p[k][i] for p in parts) for i in range(4)] for k in range(folds)]
         fold_sums = [[v.to(device) if isinstance(v, torch.Tensor) else v for v in acc] for acc in fold_sums]
+        # the token sample of one process: the first keep_tokens tokens in global chunk order
+        pieces = sorted((p for rank_sample in g.gather_objects([(x[0], *(t.cpu() for t in x[1:])) for x in sample])
+                         for p in rank_sample), key=lambda p: p[0])
+        sample, kept_tokens = [], 0
+        for _, *rows in pieces:
+            m = min(keep_tokens - kept_tokens, rows[0].shape[0])
+            if m > 0:
+                sample.append((None, *(t[:m].to(device) for t in rows)))
+                kept_tokens += m
+    sample = [x[1:] for x in sample]
     A, B = sum(a[0] for a in fold_sums), sum(a[1] for a in fold_sums)
     yy, n = sum(a[2] for a in fold_sums), sum(a[3] for a in fold_sums)
     return _Stats(A, B, yy, n, sample, last_gain, [tuple(a) for a in fold_sums])
@@ -463,7 +475,7 @@ def replaceme_span(graph: EncoderGraph, ev: Evaluator, target: int) -> tuple[lis
         raise SearchError("replaceme: no span of whole layers after layer 0 reaches this sparsity")
     starts = list(range(1, n_layers - n + 1))
     parts = []
-    for c in ev.chunks:
+    for c in ev.owned:
         if c < 0:
             continue
         ctx, mask = ev.context(c), ev.disc.masks[c]

@@ -147,7 +147,7 @@ def _mean_cosine(ev: Evaluator, config: Config) -> float:
     """Mean output cosine to the dense reference over the read tokens of every rank's chunks: each chunk's
     sum is gathered and the sums are added in global chunk order (as one process adds them)."""
     parts = []
-    for k in (c for c in ev.chunks if c >= 0):  # the null prompt is not part of LaCo's criterion
+    for k in (c for c in ev.owned if c >= 0):  # the null prompt is not part of LaCo's criterion
         out = ev.runner.forward(config, None, None, ctx=ev.context(k))
         f = ev.disc.project(0, ev.disc.features(out)[0]).double()
         ref = ev.disc.reference[k][0].double()

@@ -58,15 +58,16 @@ def prepare_calibration(tokenizer, prompts, *, max_length=None, padding="longest
 
 
 def stacking_line(asked, ev) -> str:
-    """What candidate batching does on this backend (the probe of stacked rows against rows alone)."""
+    """What candidate batching does on this backend (the probe of stacked rows against rows alone, by shape)."""
     st = ev.stacking
     if st["bit_identical"]:
         return f"candidate batching: {ev.candidate_batch} candidates per stacked forward (rows bit-identical to rows alone here)"
     diff = f"stacked rows differ from rows alone by up to {st['max_relative_difference']:.1e} (relative) on this backend"
-    if asked == "auto":
-        return f"candidate batching auto: off ({diff}; --candidate-batch N stacks anyway)"
-    return (f"candidate batching: {ev.candidate_batch} candidates per stacked forward; {diff}: scores may differ from "
-            "scoring one at a time in the last bits, the plan only between candidates that tie that closely")
+    if ev.candidate_batch == 1:
+        return f"candidate batching {asked}: off ({diff} at every chunk shape; candidates are scored one at a time)"
+    return (f"candidate batching: {ev.candidate_batch} candidates per stacked forward (rows bit-identical to rows alone "
+            f"here) at {st['shapes'] - st['shapes_alone']} of {st['shapes']} chunk shapes; the other "
+            f"{st['shapes_alone']} are scored one candidate at a time ({diff})")
 
 
 def search(
@@ -182,7 +183,8 @@ def search(
     progress = progress and group.is_writer  # bars and logs on rank 0 only
     ev = Evaluator(runner, calibration, projection, select, cache_bytes=cache_bytes, group=group,
                    beam=width_k, progress=progress, host_cache_bytes=int(host_cache_gb * (1 << 30)),
-                   reference=reference, levers=levers, candidate_batch=m.candidate_batch, reference_path=(Path(out_dir) / (".reference.safetensors" if group.world == 1 else
+                   reference=reference, levers=levers, candidate_batch=m.candidate_batch,
+                   distribute=m.distribute, reference_path=(Path(out_dir) / (".reference.safetensors" if group.world == 1 else
                                                      f".reference.rank{group.rank}.safetensors")) if out_dir else None)
     if progress and ev.stacking is not None:
         print(stacking_line(m.candidate_batch, ev), flush=True)

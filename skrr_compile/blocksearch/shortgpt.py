@@ -15,7 +15,7 @@ def shortgpt(graph: EncoderGraph, ev: Evaluator, target: int) -> tuple[list[int]
     r = ev.runner
     n_layers = len(graph.blocks) // 2
     parts = []  # per chunk: (global chunk, BI sums per layer, tokens), folded in global order below
-    for c in ev.chunks:
+    for c in ev.owned:
         if c < 0:
             continue
         chunk_bi = [0.0] * n_layers

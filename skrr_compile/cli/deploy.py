@@ -9,6 +9,7 @@ from pathlib import Path
 from skrr_compile.cli.main import (
     CLIError,
     add_dist_timeout,
+    add_distribute,
     agree,
     candidate_batch_arg,
     check_out_dir,
@@ -74,6 +75,7 @@ def register(sub) -> None:
                         "with the lowest error on held-out folds of the calibration prompts)")
     p.add_argument("--candidate-batch", default="1", type=candidate_batch_arg, metavar="N|auto",
                    help="candidates scored in one stacked forward (exact where the probe finds rows bit-identical)")
+    add_distribute(p)
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 length the pipeline will run with (default: the pipeline's default)")
     p.add_argument("--plans", default=None,
@@ -237,6 +239,7 @@ def cmd_prune_pipeline(args) -> int:
         try:  # what each encoder's consumer reads (template, layer, length) the pipeline's spec sets
             config = SearchConfig.from_kwargs(sparsity=args.sparsity, method=args.method, beam=args.beam,
                                               chunk_size=args.chunk_size, candidate_batch=args.candidate_batch,
+                                              distribute=args.distribute,
                                               **({"heal": args.heal, "heal_ridge": args.heal_ridge} if args.heal else {}))
         except ValueError as e:
             raise CLIError(str(e)) from e

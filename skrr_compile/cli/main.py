@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -96,6 +97,14 @@ def heal_ridge_arg(text: str):
     return value
 
 
+def add_distribute(p) -> None:
+    """`--distribute`, for the searching commands."""
+    p.add_argument("--distribute", default="candidates", choices=["candidates", "chunks"],
+                   help="under torchrun: candidates (default; each rank scores its share of the candidates on "
+                        "every prompt chunk, the fastest) or chunks (each rank scores every candidate on its "
+                        "shard of the chunks: 1/world of the boundary states and the reference per rank)")
+
+
 def add_dist_timeout(p) -> None:
     """`--dist-timeout`, for every command that runs on several ranks under torchrun."""
     p.add_argument("--dist-timeout", type=float, default=600.0,
@@ -178,19 +187,24 @@ def existing_dir(path: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from skrr_compile.blocksearch.distributed import exit_rank, in_group
     from skrr_compile.utils.quiet import import_torchao_quietly
 
     import_torchao_quietly()  # before anything imports it (the parser's quantize options, transformers)
     parser = build_parser()
     args = parser.parse_args(argv)
     # dependency bars (loading / writing weights) redraw with carriage returns: none in logs, none when --quiet
+    code = 1
     try:
         with _quiet_dependencies(getattr(args, "quiet", False) or not _isatty(sys.stderr)):
-            return _run(args)
-    finally:  # under torchrun: every rank leaves the group before exit, or teardown may abort (SIGABRT)
-        from skrr_compile.blocksearch.distributed import leave
-
-        leave()
+            code = _run(args)
+        return code
+    except BaseException:
+        if in_group():  # exit_rank below ends the process before Python would print it
+            traceback.print_exc()
+        raise
+    finally:  # under torchrun: each rank leaves the group and exits here, or teardown may abort (exit_rank)
+        exit_rank(code)
 
 
 def _isatty(stream) -> bool:

@@ -35,6 +35,7 @@ from skrr_compile.blocksearch.target import check_sparsity
 from skrr_compile.cli.main import (
     CLIError,
     add_dist_timeout,
+    add_distribute,
     agree,
     candidate_batch_arg,
     check_out_dir,
@@ -121,6 +122,7 @@ def _memory_args(p) -> None:
     g.add_argument("--candidate-batch", default="1", type=candidate_batch_arg, metavar="N|auto",
                    help="candidates scored in one stacked forward (exact; auto: sized by prompt rows and the "
                         "--cache-gb budget; default 1, one at a time)")
+    add_distribute(g)
     add_dist_timeout(g)
     g.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device (no weights), print the memory plan, exit")
@@ -137,7 +139,7 @@ def search_config(args, **changes) -> SearchConfig:
         options.update(cache_gb=args.cache_gb, dtype=args.dtype, reference=args.reference,
                        host_cache_gb=args.host_cache_gb, offload=args.offload, device=_device(args),
                        device_budget_gb=args.device_budget_gb, candidate_batch=args.candidate_batch,
-                       weights_path=resolve_model_path(args.model) if args.offload == "disk" else None)
+                       distribute=args.distribute, weights_path=resolve_model_path(args.model) if args.offload == "disk" else None)
     if getattr(args, "heal", None):
         options.update(heal=args.heal, heal_ridge=args.heal_ridge)
     if getattr(args, "quantize", None) and _quantize_aware(args):
