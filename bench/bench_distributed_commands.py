@@ -51,10 +51,11 @@ def run(world: int, argv: list[str], out: Path) -> float:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} (world {world}) failed:\n{err[-3000:]}")
+    errs = [p.communicate()[1] for p in procs]
+    failed = [(rank, err) for rank, (p, err) in enumerate(zip(procs, errs)) if p.returncode != 0]
+    if failed:
+        raise SystemExit(f"{' '.join(cmd)} (world {world}) failed:\n" +
+                         "\n".join(f"--- rank {rank} (exit {procs[rank].returncode}):\n{err[-3000:]}" for rank, err in failed))
     return time.perf_counter() - t0
 
 

@@ -189,64 +189,40 @@ class Exchange:
 
     One all-gather is always in flight; `poll` (after each piece of work) takes it when it has arrived and
     posts the next. A post carries the scores this rank finished since its last (SLOTS (position, score)
-    pairs; more wait for the next), whether it is idle (no candidate left), and candidates it gives to an
-    idle rank (up to SLOTS positions: a rank that runs out early takes over part of a busy one's work, so
-    no rank waits while another has a queue). The receiver scores a gift from its first chunk. The
-    exchange is over at the first gather in which every rank is idle; a post that gives is never idle, so
-    no gift is in flight then, and every rank ends at that same gather knowing every score.
+    pairs; more wait for the next) and whether it is idle (no candidate left and nothing left to send).
+    The exchange is over at the first gather in which every rank is idle: every rank ends at that same
+    gather knowing every score.
     """
 
     SLOTS = 8
 
     def __init__(self, group: TorchGroup):
-        self.group, self.outbox, self.over, self.seq = group, [], False, 0
-        self.idle: dict[int, int] = {}  # rank -> the gather at which it last said it was idle
-        self.gave: dict[int, int] = {}  # rank -> the gather that carried this rank's last gift to it
-        self._post(False, None, [])
+        self.group, self.outbox, self.over = group, [], False
+        self._post(False)
 
-    def _post(self, idle: bool, to: int | None, gift: list[int]) -> None:
+    def _post(self, idle: bool) -> None:
         sent, self.outbox = self.outbox[:self.SLOTS], self.outbox[self.SLOTS:]
         scores = [x for pair in sent for x in pair] + [NONE, 0.0] * (self.SLOTS - len(sent))
-        given = [float(i) for i in gift] + [NONE] * (self.SLOTS - len(gift))
-        head = [float(idle and not self.outbox and not gift), float(len(sent)), float(len(gift)),
-                float(-1 if to is None else to)]
-        self._pending = self.group.start_gather(head + scores + given)
+        self._pending = self.group.start_gather([float(idle and not self.outbox), float(len(sent))] + scores)
 
     def send(self, position: int, score: float) -> None:
         self.outbox.append((float(position), score))
 
-    def poll(self, idle: bool = False, block: bool = False, give=None) -> tuple[list[tuple[int, float]], list[int]]:
-        """(scores other ranks finished, candidates given to this rank) that arrived with the gather in
-        flight; [] and [] when it has not arrived (`block`: wait for it) or the exchange is over. `idle`:
-        this rank has nothing to score. `give(ranks)`: called with the idle ranks this one may give to,
-        returns (rank, positions) or None."""
+    def poll(self, idle: bool = False, block: bool = False) -> list[tuple[int, float]]:
+        """The scores other ranks finished that arrived with the gather in flight; [] when it has not
+        arrived (`block`: wait for it) or the exchange is over. `idle`: this rank has nothing to score."""
         rows = None if self.over else self._pending(block=block)
         if rows is None:
-            return [], []
-        self.seq += 1
-        scores, gifts, me, s = [], [], self.group.rank, self.SLOTS
+            return []
+        scores, me = [], self.group.rank
         for rank, row in enumerate(rows):
-            if rank == me:
-                continue
-            scores += [(int(row[4 + 2 * j]), row[5 + 2 * j]) for j in range(int(row[1]))]
-            if int(row[3]) == me:
-                gifts += [int(row[4 + 2 * s + j]) for j in range(int(row[2]))]
-            if row[0] == 1.0:
-                self.idle[rank] = self.seq
+            if rank != me:
+                scores += [(int(row[2 + 2 * j]), row[3 + 2 * j]) for j in range(int(row[1]))]
         if all(row[0] == 1.0 for row in rows):
             self.over = True
-            return scores, gifts
-        to, gift = None, []
-        if give is not None and not idle:
-            # idle ranks whose idleness was posted after they took this rank's last gift to them
-            takers = [r for r, t in self.idle.items() if rows[r][0] == 1.0 and t > self.gave.get(r, -1)]
-            picked = give(takers) if takers else None
-            if picked:
-                to, gift = picked
-                assert len(gift) <= s, "a gift holds at most SLOTS candidates"
-                self.gave[to] = self.seq + 1
-        self._post(idle and not gifts, to, gift)
-        return scores, gifts
+        else:
+            self._post(idle)
+        return scores
 
 
 def shard(n_chunks: int, rank: int, world: int) -> list[int]:

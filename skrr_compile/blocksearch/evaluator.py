@@ -602,8 +602,7 @@ class Evaluator:
 
         Several ranks splitting candidates: each runs this best-first over its own (`deal`) on every chunk,
         abandoning on the k-th best of the scores any rank finished (`Exchange`: they arrive while it scores);
-        a rank that runs out is given part of a busy rank's queue; the scores and shares of every rank are
-        returned on every rank.
+        the scores and shares of every rank are returned on every rank.
         """
         r = self.runner
         exchange = None
@@ -648,22 +647,6 @@ class Evaluator:
             shape = self.shape_of(o[progress[i]]) if progress[i] < len(o) else None
             return None if shape in self.alone_shapes else shape
 
-        def take(gifts) -> None:  # candidates an idle rank is given: scored here from their first chunk
-            for i in gifts:
-                heapq.heappush(heap, (0.0, cands[i].priority, i))
-
-        def give(takers):  # to an idle rank: every other candidate of this rank's queue, in best-first order
-            nonlocal heap
-            if len(heap) < 2:
-                return None
-            gift = [e[2] for e in sorted(heap)[1::2][:Exchange.SLOTS]]
-            for i in gift:
-                progress[i], partial[i], received[i] = 0, 0.0, []
-                orders.pop(i, None), keys.pop(i, None)
-            heap = [e for e in heap if e[2] not in set(gift)]
-            heapq.heapify(heap)
-            return takers[0], gift
-
         while True:
             if heap and "abandon" in self.levers and len(finished) >= k and heap[0][0] > finished[k - 1][0]:
                 r.counter.abandoned += len(heap)
@@ -671,11 +654,9 @@ class Evaluator:
             if not heap:
                 if exchange is None or exchange.over:
                     break
-                t_wait = time.perf_counter()  # idle: wait for the next gather (scores, perhaps a gift)
-                scores, gifts = exchange.poll(idle=True, block=True)
+                t_wait = time.perf_counter()  # idle: wait for the next gather (the other ranks' scores)
+                arrive(exchange.poll(idle=True, block=True))
                 self.wait_seconds += time.perf_counter() - t_wait
-                arrive(scores)
-                take(gifts)
                 continue
             batch = [heapq.heappop(heap)]
             if step > 1 and heap:
@@ -726,9 +707,7 @@ class Evaluator:
                 else:
                     heapq.heappush(heap, (partial[i], prio, i))
             if exchange is not None:
-                scores, gifts = exchange.poll(give=give)
-                arrive(scores)
-                take(gifts)
+                arrive(exchange.poll())
         if exchange is not None:  # every rank's shares of the candidates it finished
             for shares in self.group.gather_objects(dict(self.shares)):
                 self.shares.update(shares)
