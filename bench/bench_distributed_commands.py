@@ -59,14 +59,17 @@ def run(world: int, argv: list[str], out: Path) -> float:
     return time.perf_counter() - t0
 
 
-TIMINGS = {"seconds", "prune_seconds", "eval_seconds", "block_evals", "elapsed", "command", "distributed",
-           "counter", "ranks", "share_of_seconds", "memory"}
+# what legitimately differs between 1 and 2 ranks: timings, the clock, per-rank counters, and the search's effort
+# (how many candidates of a step were scored to the end, and the last D change seen per sub-block, which only
+# orders the next step's candidates: ranks splitting candidates abandon on each other's scores a gather later)
+NOT_COMPARED = {"seconds", "prune_seconds", "eval_seconds", "block_evals", "elapsed", "command", "distributed",
+           "counter", "ranks", "share_of_seconds", "memory", "created", "scored", "delta"}
 
 
 def canonical(obj, out: Path):
     """A report without what legitimately differs between 1 and 2 ranks (timings, per-rank counters, its path)."""
     if isinstance(obj, dict):
-        return {k: canonical(v, out) for k, v in obj.items() if k not in TIMINGS}
+        return {k: canonical(v, out) for k, v in obj.items() if k not in NOT_COMPARED}
     if isinstance(obj, list):
         return [canonical(v, out) for v in obj]
     if isinstance(obj, str):
