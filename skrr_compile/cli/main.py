@@ -99,7 +99,9 @@ def heal_ridge_arg(text: str):
 
 def add_distribute(p) -> None:
     """`--distribute`, for the searching commands."""
-    p.add_argument("--distribute", default="candidates", choices=["candidates", "chunks"],
+    from skrr_compile.blocksearch.evaluator import DISTRIBUTE
+
+    p.add_argument("--distribute", default=DISTRIBUTE[0], choices=DISTRIBUTE,
                    help="under torchrun: candidates (default; each rank scores its share of the candidates on "
                         "every prompt chunk, the fastest) or chunks (each rank scores every candidate on its "
                         "shard of the chunks: 1/world of the boundary states and the reference per rank)")
